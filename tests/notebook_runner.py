@@ -1,0 +1,57 @@
+"""Execute a notebook headless with small settings and save its figures as PNG files.
+
+Each notebook has a cell tagged ``parameters`` (papermill's convention). The runner inserts a cell
+right after it that overrides those parameters with small settings, executes the notebook with
+nbclient in its own folder, and writes every ``image/png`` output to ``<figure_dir>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbformat.NotebookNode:
+    """Insert a cell assigning `overrides` right after the cell tagged `parameters`."""
+    index = next(
+        (i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])),
+        None,
+    )
+    if index is None:
+        raise ValueError("notebook has no cell tagged 'parameters'; tag the settings cell")
+    source = "\n".join(f"{name} = {value!r}" for name, value in overrides.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(index + 1, cell)
+    return notebook
+
+
+def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path]:
+    """Write each PNG output of the executed notebook to `figure_dir`; return the paths."""
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cell_index, cell in enumerate(notebook.cells):
+        for output_index, output in enumerate(cell.get("outputs", [])):
+            png = output.get("data", {}).get("image/png")
+            if png:
+                path = figure_dir / f"cell{cell_index:02d}_{output_index}.png"
+                path.write_bytes(base64.b64decode(png))
+                written.append(path)
+    return written
+
+
+def run_notebook(
+    path: Path, overrides: dict, figure_dir: Path, timeout_s: int = 600
+) -> tuple[nbformat.NotebookNode, list[Path]]:
+    """Execute `path` with `overrides` injected; return the executed notebook and figure paths."""
+    notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
+    client = NotebookClient(
+        notebook,
+        timeout=timeout_s,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    return notebook, save_figures(notebook, figure_dir / path.stem)

@@ -1,0 +1,44 @@
+"""environment.yml (for conda users) must list the same dependencies as pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+
+def _normalise(requirement: str) -> str:
+    return re.sub(r"\s+", "", requirement).lower()
+
+
+def test_environment_yml_mirrors_pyproject_dependencies():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = {_normalise(r) for r in pip_section if not r.startswith("-e")}
+    expected = {_normalise(r) for r in pyproject["project"]["dependencies"]}
+    assert listed == expected, (
+        f"environment.yml and pyproject.toml disagree: only in environment.yml {listed - expected}, "
+        f"only in pyproject.toml {expected - listed}"
+    )
+    assert "python=3.11" in env["dependencies"]
+    assert any(r.startswith("-e .[dev]") for r in pip_section), (
+        "environment.yml must install agpo_lab"
+    )
+
+
+def test_torch_is_pinned_for_the_cpu_build():
+    constraints = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in constraints, "constraints.txt must pin torch==2.13.0 (CPU build here)"
+    setup = (REPO_ROOT / "scripts" / "setup_venv.sh").read_text()
+    assert '"torch==2.13.0"' in setup, "setup_venv.sh must install the pinned torch first"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme
+    assert ci.strip().splitlines()[-1] == "exec make test"

@@ -1,0 +1,69 @@
+"""Every notebook in notebooks/ runs top to bottom headless with small settings.
+
+New notebooks are picked up automatically: they only need a cell tagged `parameters` that defines
+`SMALL`. Their figures are saved under notebooks/_figures/<notebook>/ so they can be looked at.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.notebook_runner import inject_parameters, run_notebook
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+FIGURE_DIR = NOTEBOOK_DIR / "_figures"
+SMALL_SETTINGS = {"SMALL": True}
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_headless(path):
+    executed, figures = run_notebook(path, SMALL_SETTINGS, FIGURE_DIR)
+    errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    assert figures, f"{path.name} produced no figure"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_clean(path):
+    notebook = json.loads(path.read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, (
+                f"{path.name} has stored outputs; clear them before committing"
+            )
+    assert any("parameters" in c["metadata"].get("tags", []) for c in notebook["cells"])
+
+
+@pytest.mark.notebook
+def test_runner_injects_small_settings_and_saves_figures(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("SMALL = False", metadata={"tags": ["parameters"]})
+    plot = nbformat.v4.new_code_cell(
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "from IPython.display import Image, display\nimport io\n"
+        "fig, ax = plt.subplots(); ax.plot([0, 1], [1, 2 if SMALL else 3])\n"
+        "buf = io.BytesIO(); fig.savefig(buf, format='png'); display(Image(buf.getvalue()))\n"
+        "print('small' if SMALL else 'full')"
+    )
+    notebook.cells = [params, plot]
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(notebook, path)
+    executed, figures = run_notebook(path, SMALL_SETTINGS, tmp_path / "figs", timeout_s=120)
+    assert executed.cells[1].metadata["tags"] == ["injected-parameters"]
+    stream = [o for o in executed.cells[2].outputs if o.output_type == "stream"]
+    assert stream[0].text.strip() == "small"
+    assert len(figures) == 1 and figures[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runner_requires_a_parameters_cell():
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
+    with pytest.raises(ValueError, match="parameters"):
+        inject_parameters(notebook, SMALL_SETTINGS)
