@@ -1,0 +1,404 @@
+"""Answer extraction and checking for math tasks, safe against untrusted model output.
+
+Three layers, cheapest first:
+
+1. Extraction: the final answer is the content of the last balanced ``\\boxed{...}``, or, for
+   GSM8K, whichever comes last of a box and the dataset's own ``#### <answer>`` line. There is no
+   "last number in the text" fallback: a lenient extractor is a reward hack waiting to happen.
+2. Screening: answers that are too long, contain control characters, nest too deeply, or hold
+   numeric power towers / huge exponents or factorials are rejected before any parser sees them.
+3. Checking: plain numbers are compared exactly with `fractions.Fraction` in-process. Everything
+   else goes to `math-verify` (LaTeX parser only; its plain-expression parser runs
+   `sympy.parse_expr`, i.e. `eval`, so it is never used on model text) in a small persistent
+   worker process. math-verify's own timeouts use `signal.alarm`, which only works in the main
+   thread; the worker runs them in its own main thread, and the parent kills and restarts a
+   worker that overruns, so every check is bounded from any thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+MAX_TEXT_CHARS = 200_000
+"""Longer completions are rejected outright (far beyond any realistic completion length)."""
+MAX_ANSWER_CHARS = 512
+"""Longest extracted answer that is checked (MATH-500's longest reference is under 100 chars)."""
+MAX_NESTING = 24
+"""Deepest bracket nesting ({, (, [) allowed in an answer before it is rejected."""
+DEFAULT_TIMEOUT_S = 5.0
+"""Default hard time bound of one `check_math` call, in seconds."""
+STYLES = ("math", "gsm8k")
+"""`math`: answer in \\boxed{}, checked by math-verify. `gsm8k`: \\boxed{} or `#### `, numeric."""
+
+_BRACE_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
+_UNBRACED_BOX = re.compile(r"\\boxed\s+([^\s$]+)")
+_HASH_ANSWER = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_POWER_TOWER = re.compile(r"\d\^[-+]?\d+\^")
+_BASE_SUBSCRIPT = re.compile(r"_\{?(\d+)\}?\s*$")
+_HUGE_EXPONENT = re.compile(r"\^[-+]?\d{5,}|\d{4,}!")
+_BIG_OPERATOR = re.compile(r"\\(?:[dt]?binom|choose|sum|prod)")
+
+
+def _last_boxed_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last balanced box, i.e. the box that closes last."""
+    stack: list[int | None] = []  # content start for a box brace, None for a plain brace
+    best = None
+    for match in _BRACE_TOKEN.finditer(text):
+        token = match.group()
+        if token.startswith("\\") and len(token) == 2:
+            continue  # \{ and \} are literal braces (sets), not grouping
+        if token == "}":
+            if stack and (start := stack.pop()) is not None:
+                best = (start, match.start())
+        else:
+            stack.append(match.end() if token != "{" else None)
+    if best is None and (loose := list(_UNBRACED_BOX.finditer(text))):
+        best = loose[-1].span(1)  # `\boxed 5`, as some MATH solutions write it
+    return best
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last balanced ``\\boxed{...}`` (or ``\\fbox{...}``), or None.
+
+    Example: ``extract_boxed(r"so \\boxed{\\frac{1}{2}} or \\boxed{3}") == "3"``; unbalanced
+    ``\\boxed{3`` gives None; texts over MAX_TEXT_CHARS give None.
+    """
+    if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+        return None
+    span = _last_boxed_span(text)
+    return None if span is None else text[span[0] : span[1]].strip()
+
+
+def extract_final_answer(text: str, style: str = "math") -> str | None:
+    """The final answer of a completion in `style` ("math": last box; "gsm8k": last box or ####).
+
+    Example: ``extract_final_answer("3 + 4 = 7\\n#### 7", "gsm8k") == "7"``.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown answer style {style!r}; use one of {STYLES}")
+    if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+        return None
+    box = _last_boxed_span(text)
+    if style == "gsm8k":
+        hashes = list(_HASH_ANSWER.finditer(text))
+        if hashes and (box is None or hashes[-1].start(1) > box[0]):
+            return hashes[-1].group(1).strip() or None
+    return None if box is None else text[box[0] : box[1]].strip()
+
+
+def screen_answer(answer: str) -> str | None:
+    """Why an extracted answer is refused before any parsing, or None if it may be checked.
+
+    Example: ``screen_answer("9^{9^{9^{9}}}")`` gives "numeric power tower";
+    ``screen_answer(r"\\frac{1}{2}") is None``.
+    """
+    if len(answer) > MAX_ANSWER_CHARS:
+        return f"longer than {MAX_ANSWER_CHARS} characters"
+    if _CONTROL.search(answer):
+        return "contains control characters"
+    depth = deepest = 0
+    for char in answer:
+        depth += (char in "{([") - (char in "})]")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        return f"brackets nested deeper than {MAX_NESTING}"
+    flat = re.sub(r"[\s{}()]", "", answer).replace("**", "^")
+    if _POWER_TOWER.search(flat):
+        return "numeric power tower"
+    if _HUGE_EXPONENT.search(flat):
+        return "huge exponent or factorial"
+    if _BIG_OPERATOR.search(answer) and re.search(r"\d{5,}", answer):
+        return "sum, product or binomial with a huge bound"
+    return None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """A plain number written the ways GSM8K-style answers are written, exactly; else None.
+
+    Accepts `$`, `\\$`, `%`, thousands commas, trailing `.0`, `\\frac{a}{b}`, `a/b`, `x = ...`,
+    and unit words after the number. Example: ``parse_number(r"\\$1,234.50") == Fraction(2469, 2)``,
+    ``parse_number("50%") == 50``, ``parse_number("1,2") is None``.
+    """
+    if len(text) > 100 or _CONTROL.search(text):
+        return None
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r" \1 ", text)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\[$%!,;: ]|[$%]|\^\{?\\circ\}?|°", " ", s)
+    s = re.sub(r"^\s*[a-zA-Z]\s*=", "", s).strip().rstrip(".").strip()
+    s = re.sub(r"(?<=\d)\s+[a-zA-Z]{2,}[a-zA-Z ]*$", "", s).strip()  # units: "18 dollars"
+    s = re.sub(r"(?<=\d),(?=\d{3}(?:\D|$))", "", s)
+    fraction = re.fullmatch(r"([-+]?)\\frac(\{\d+\}|\d)(\{\d+\}|\d)", s)
+    match = fraction or re.fullmatch(r"([-+]?)(\d+)\s*/\s*(\d+)", s)
+    if match:
+        sign, num, den = (group.strip("{}") for group in match.groups())
+    elif re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", s):
+        try:
+            return Fraction(Decimal(s))
+        except (InvalidOperation, ValueError):
+            return None
+    else:
+        return None
+    if int(den) == 0:
+        return None
+    return Fraction(int(num), int(den)) * (-1 if sign == "-" else 1)
+
+
+def check_numeric(pred: str | None, ref: str) -> bool:
+    """Exact numeric equality after `parse_number` normalisation (GSM8K's rule).
+
+    Example: ``check_numeric("1,000.0", "1000")`` is True; ``check_numeric("999", "1000")`` False.
+    """
+    if pred is None:
+        return False
+    pred_value, ref_value = parse_number(pred), parse_number(ref)
+    return pred_value is not None and ref_value is not None and pred_value == ref_value
+
+
+def _plain_number(text: str) -> Fraction | None:
+    """A bare decimal like "025" or "-2.50" (no units, no LaTeX), exactly; else None."""
+    text = text.strip()
+    if len(text) > 100 or not re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", text):
+        return None
+    return Fraction(Decimal(text))
+
+
+def check_math(pred: str | None, ref: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether answer `pred` equals reference `ref` (LaTeX), within `timeout_s` seconds.
+
+    Plain numbers are compared exactly in-process; the rest by math-verify in a worker process
+    that is killed on overrun (a timed-out check counts as wrong). The bound runs from when a
+    worker takes the check: waiting for a busy worker, and a worker's start-up (about a second,
+    on first use and after a kill), are not counted. Example:
+    ``check_math(r"\\frac{1}{2}", "0.5")`` and ``check_math("-q+p", "p - q")`` are True.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"check_math: timeout_s={timeout_s!r}; it must be a positive number")
+    if pred is None or screen_answer(pred) is not None or screen_answer(ref) is not None:
+        return False
+    pred_value, ref_value = _plain_number(pred), _plain_number(ref)
+    if pred_value is not None and ref_value is not None:
+        if pred_value == ref_value:
+            return True
+        if pred_value.denominator == 1 and ref_value.denominator == 1:
+            return False  # distinct integers; math-verify would agree, skip the round trip
+    pred_base, ref_base = _BASE_SUBSCRIPT.search(pred), _BASE_SUBSCRIPT.search(ref)
+    if pred_base and ref_base and pred_base.group(1) != ref_base.group(1):
+        return False  # 52_8 vs 52_9: math-verify drops the base subscript
+    return _pool().check(ref, pred, timeout_s)
+
+
+def score_completion(
+    completion: str, reference: str, style: str = "math", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> float:
+    """1.0 if the completion's final answer matches `reference`, else 0.0 (never raises on text).
+
+    Example: ``score_completion("... so \\boxed{18}.", "18", "gsm8k") == 1.0``.
+    """
+    answer = extract_final_answer(completion, style)
+    if style == "gsm8k":
+        return float(check_numeric(answer, reference))
+    return float(check_math(answer, reference, timeout_s))
+
+
+# --- the worker process -------------------------------------------------------------------------
+
+_WORKER_BOOT = (
+    "import importlib.util, sys; "
+    "spec = importlib.util.spec_from_file_location('_agpo_verify_worker', sys.argv[1]); "
+    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+    "module._worker_main()"
+)
+_WORKER_START_TIMEOUT_S = 60.0
+_SOFT_FRACTION = 0.8  # the worker gives up by itself at this fraction of the budget
+_WORKER_MEMORY_BYTES = 2 * 1024**3
+
+
+class _SoftTimeout(BaseException):
+    """Raised inside the worker by its own timer; BaseException so library `except Exception`
+    blocks cannot swallow it."""
+
+
+def _worker_main() -> None:
+    """Serve `{"gold", "pred", "soft_s"}` JSON lines on stdin with `{"ok"}` lines on stdout."""
+    import logging
+    import resource
+
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    logging.disable(logging.CRITICAL)
+    # A runaway expression should hit MemoryError, not the machine's OOM killer.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+
+    def same(gold: str, pred: str) -> bool:
+        gold_parsed = parse(f"\\boxed{{{gold}}}", config, parsing_timeout=None)
+        pred_parsed = parse(f"\\boxed{{{pred}}}", config, parsing_timeout=None)
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+    def on_alarm(signum, frame):
+        raise _SoftTimeout
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    # sympy imports much lazily on first use: pay that now, not in the first checks' budgets.
+    for gold, pred in [("(x+1)^2", "x^2+2x+1"), ("\\{1, 2\\}", "(1, 2]"), ("\\frac{1}{3}", "0.3")]:
+        same(gold, pred)
+    protocol.write('{"ready": true}\n')
+    protocol.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        signal.setitimer(signal.ITIMER_REAL, request["soft_s"])
+        try:
+            ok = same(request["gold"], request["pred"])
+        except (_SoftTimeout, Exception):
+            ok = False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        protocol.write(json.dumps({"ok": ok}) + "\n")
+        protocol.flush()
+
+
+class _Worker:
+    """One math-verify worker process; one check at a time (guarded by `lock`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen | None = None
+        self.buffer = b""
+
+    def _start(self) -> None:
+        command = [sys.executable, "-I", "-c", _WORKER_BOOT, os.path.abspath(__file__)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        self.buffer = b""
+        if self._read_line(time.monotonic() + _WORKER_START_TIMEOUT_S) is None:
+            self.stop()
+            raise RuntimeError(
+                "the math-verify worker process failed to start; check that "
+                f"`{sys.executable} -c 'import math_verify'` works"
+            )
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """One line from the worker, or None on timeout or exit."""
+        assert self.process is not None and self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                stream.close()
+        self.process = None
+
+    def check(self, gold: str, pred: str, timeout_s: float) -> bool:
+        """Caller holds `self.lock`. Start-up time is not counted against `timeout_s`."""
+        if self.process is None or self.process.poll() is not None:
+            self.stop()
+            self._start()
+        assert self.process is not None and self.process.stdin is not None
+        request = {"gold": gold, "pred": pred, "soft_s": max(0.01, _SOFT_FRACTION * timeout_s)}
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+            line = self._read_line(deadline)
+        except OSError:  # the worker died (e.g. out of memory): a fresh one next time
+            line = None
+        except BaseException:  # e.g. KeyboardInterrupt: an unread answer would desynchronise
+            self.stop()
+            raise
+        if line is None:  # overran even its own soft timer (stuck in C code): kill it
+            self.stop()
+            return False
+        return bool(json.loads(line)["ok"])
+
+
+class _WorkerPool:
+    """A few workers shared by all threads; a check takes any idle one."""
+
+    def __init__(self, size: int) -> None:
+        self.workers = [_Worker() for _ in range(size)]
+        self.owner_pid = os.getpid()
+        self.next = 0
+        self.next_lock = threading.Lock()
+
+    def check(self, gold: str, pred: str, timeout_s: float) -> bool:
+        for worker in self.workers:
+            if worker.lock.acquire(blocking=False):
+                break
+        else:  # all busy: queue on one of them, round robin
+            with self.next_lock:
+                worker = self.workers[self.next % len(self.workers)]
+                self.next += 1
+            worker.lock.acquire()
+        try:
+            return worker.check(gold, pred, timeout_s)
+        finally:
+            worker.lock.release()
+
+    def close(self) -> None:
+        if os.getpid() == self.owner_pid:  # a forked child must not kill its parent's workers
+            for worker in self.workers:
+                worker.stop()
+
+
+_POOL: _WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> _WorkerPool:
+    global _POOL
+    with _POOL_LOCK:
+        # After a fork the child must not share its parent's pipes: it gets its own pool.
+        if _POOL is None or _POOL.owner_pid != os.getpid():
+            size = os.environ.get("AGPO_LAB_VERIFY_WORKERS", str(min(2, os.cpu_count() or 1)))
+            if not size.isdigit() or int(size) < 1:
+                raise ValueError(f"AGPO_LAB_VERIFY_WORKERS={size!r}; set a whole number >= 1")
+            _POOL = _WorkerPool(int(size))
+            atexit.register(_POOL.close)
+        return _POOL
+
+
+def verify_workers() -> int:
+    """How many math-verify worker processes the pool uses (env AGPO_LAB_VERIFY_WORKERS)."""
+    return len(_pool().workers)
+
+
+def check_math_batch(
+    pairs: list[tuple[str | None, str]], timeout_s: float = DEFAULT_TIMEOUT_S
+) -> list[bool]:
+    """`check_math` over (pred, ref) pairs, using every worker of the pool in parallel.
+
+    Example: ``check_math_batch([("1/2", "0.5"), ("2", "3")]) == [True, False]``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=verify_workers()) as executor:
+        return list(executor.map(lambda pair: check_math(pair[0], pair[1], timeout_s), pairs))

@@ -1,0 +1,342 @@
+"""Answer extraction and checking: real reference solutions, perturbations, adversarial text."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agpo_lab.tasks import verify
+from agpo_lab.tasks.math_datasets import load_problems
+from agpo_lab.tasks.verify import (
+    check_math,
+    check_math_batch,
+    check_numeric,
+    extract_boxed,
+    extract_final_answer,
+    parse_number,
+    score_completion,
+    screen_answer,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TIMEOUT_S = 1.0
+SLACK_S = 1.0  # kill + pipe round trip, on a shared 2-core machine
+
+
+def shared_data(name: str) -> Path:
+    """The shared data folder, or skip: a fresh clone has no ../shared/data."""
+    if not (SHARED_DATA / name).is_dir():
+        pytest.skip(f"reference data {SHARED_DATA / name} is absent (only in the dev workspace)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_worker():
+    """Start the math-verify workers once, so timings below measure checks, not start-up."""
+    assert all(check_math_batch([("x+1", "1+x")] * verify.verify_workers()))
+
+
+# --- extraction ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{\frac{1}{2}} or rather \boxed{3}.", "3"),
+        (r"$\boxed{\left( 3, \frac{\pi}{2} \right)}$", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"\boxed{a} then \boxed{b", "a"),
+        (r"\fbox{7}", "7"),
+        (r"the answer is $\boxed 5$", "5"),
+        (r"\boxed{ 12 }", "12"),
+        ("no box here, 42", None),
+        ("}}}{{{", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_final_answer_gsm8k_takes_whichever_comes_last():
+    assert extract_final_answer("3 + 4 = 7\n#### 7", "gsm8k") == "7"
+    assert extract_final_answer("#### 7\nno wait, \\boxed{8}", "gsm8k") == "8"
+    assert extract_final_answer("\\boxed{8}\n#### 1,000", "gsm8k") == "1,000"
+    assert extract_final_answer("#### 7", "math") is None
+    assert extract_final_answer("the answer is 7", "gsm8k") is None  # no last-number fallback
+    with pytest.raises(ValueError, match="unknown answer style"):
+        extract_final_answer("x", "latex")
+
+
+# --- numeric checking ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("18", 18),
+        ("1,234", 1234),
+        (r"\$1,234.50", 1234.5),
+        ("$18.00", 18),
+        ("7.", 7),
+        ("50%", 50),
+        (r"50\%", 50),
+        ("-3", -3),
+        (r"\frac{3}{4}", 0.75),
+        (r"-\dfrac{3}{4}", -0.75),
+        ("3/4", 0.75),
+        ("18 dollars", 18),
+        (r"18 \text{ dollars}", 18),
+        ("x = 7", 7),
+        ("1,00", None),
+        ("5x", None),
+        (r"\frac123", None),
+        ("3/0", None),
+        ("1e5", None),
+        ("seven", None),
+    ],
+)
+def test_parse_number(text, value):
+    assert parse_number(text) == value
+
+
+def test_check_numeric_equal_and_perturbed():
+    assert check_numeric("1,000.0", "1000")
+    assert check_numeric(r"\$5", "5")
+    assert not check_numeric("999", "1000")
+    assert not check_numeric("1000.5", "1000")
+    assert not check_numeric(None, "1000")
+    assert not check_numeric("", "1000")
+
+
+# --- math-verify checking -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref"),
+    [
+        (r"\frac{1}{2}", "0.5"),
+        ("-q+p", "p - q"),
+        ("025", "25"),
+        (r"\{2, 1\}", r"\{1, 2\}"),
+        (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\sqrt{2}", r"2^{1/2}"),
+        (r"90", r"90^\circ"),
+        (r"\text{Evelyn}", r"\text{Evelyn}"),
+    ],
+)
+def test_check_math_accepts_equivalent_forms(pred, ref):
+    assert check_math(pred, ref)
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref"),
+    [
+        ("0.51", "0.5"),
+        ("p + q", "p - q"),
+        ("26", "25"),
+        (r"\{1, 3\}", r"\{1, 2\}"),
+        (r"\sqrt{3}", r"2^{1/2}"),
+        ("52_9", "52_8"),
+        ("5x", "5"),
+        (None, "5"),
+        ("", "5"),
+    ],
+)
+def test_check_math_rejects_different_answers(pred, ref):
+    assert not check_math(pred, ref)
+
+
+def test_non_positive_timeout_is_a_clear_error():
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        check_math("x", "y", timeout_s=0)
+
+
+def test_model_text_is_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    assert score_completion(f"\\boxed{{{payload}}}", "0") == 0.0
+    assert score_completion(f"\\boxed{{{payload}}}", "0", "gsm8k") == 0.0
+    assert not marker.exists()
+
+
+# --- adversarial completions --------------------------------------------------------------------
+
+ADVERSARIAL = {
+    "power tower": r"\boxed{9^9^9^9}",
+    "braced power tower": r"\boxed{9^{9^{9^{9}}}}",
+    "huge exponent": r"\boxed{10^{10000000}}",
+    "huge factorial": r"\boxed{99999!}",
+    "big power": r"\boxed{999999^{999999}}",
+    "slow harmonic sum (passes the screen)": r"\boxed{\sum_{k=1}^{9999} \frac{1}{k}}",
+    "slow expansion (passes the screen)": r"\boxed{(x+1)^{9999}}",
+    "huge product": r"\boxed{\prod_{k=1}^{999999} k}",
+    "huge binomial": r"\boxed{\binom{999999}{499999}}",
+    "deep braces in a box": r"\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",
+    "deep parentheses": r"\boxed{" + "(" * 200 + "1" + ")" * 200 + "}",
+    "unbalanced megabyte of braces": "{" * 1_000_000,
+    "megabyte answer": r"\boxed{" + "1" * 1_000_000 + "}",
+    "long answer within the text cap": r"\boxed{" + "1+" * 50_000 + "1}",
+    "NUL bytes": "\\boxed{1\x00}",
+    "control characters": "\\boxed{\x1b[31m1\x07}",
+    "only NUL": "\x00" * 1000,
+    "unicode soup": "\\boxed{" + "\u202e\ufeff\U0001f600" * 100 + "}",
+    "many boxes": r"\boxed{1}" * 20_000,
+}
+
+
+@pytest.mark.parametrize("style", ["math", "gsm8k"])
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_completions_are_bounded(name, style):
+    start = time.monotonic()
+    score = score_completion(ADVERSARIAL[name], "2", style, timeout_s=TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    assert score == 0.0
+    assert elapsed < TIMEOUT_S + SLACK_S, f"{name}: {elapsed:.2f} s"
+
+
+def test_screen_answer_reasons():
+    assert screen_answer(r"\frac{1}{2}") is None
+    assert screen_answer("9^{9^{9^{9}}}") == "numeric power tower"
+    assert screen_answer("2^{12345678}") == "huge exponent or factorial"
+    assert screen_answer("12345!") == "huge exponent or factorial"
+    assert "huge bound" in screen_answer(r"\binom{999999}{499999}")
+    assert screen_answer(r"\binom{10}{5}") is None
+    assert "control" in screen_answer("1\x00")
+    assert "nested" in screen_answer("{" * 30 + "}" * 30)
+    assert "longer" in screen_answer("1" * 10_000)
+
+
+def test_stuck_worker_is_killed_and_replaced(monkeypatch):
+    # Disable the screen and the worker's own soft timer: only the parent's hard kill can stop
+    # this check (it runs for over 20 s when left alone).
+    monkeypatch.setattr(verify, "screen_answer", lambda answer: None)
+    monkeypatch.setattr(verify, "_SOFT_FRACTION", 1000.0)
+    pids_before = {w.process.pid for w in verify._pool().workers if w.process is not None}
+    start = time.monotonic()
+    assert not check_math(r"\binom{999999}{499999}", "1", timeout_s=0.5)
+    assert time.monotonic() - start < 0.5 + SLACK_S
+    pids_after = {w.process.pid for w in verify._pool().workers if w.process is not None}
+    assert pids_after != pids_before  # one worker was killed
+    assert check_math("x+1", "1+x")  # and the next check still works (on a fresh worker)
+
+
+def test_checks_work_and_are_bounded_from_threads():
+    results: dict[str, object] = {}
+
+    def run(key, pred, ref):
+        start = time.monotonic()
+        results[key] = (check_math(pred, ref, timeout_s=TIMEOUT_S), time.monotonic() - start)
+
+    threads = [
+        threading.Thread(target=run, args=("easy", r"\frac{2}{4}", "0.5")),
+        threading.Thread(target=run, args=("slow", r"\sum_{k=1}^{9999} \frac{1}{k}", "1")),
+        threading.Thread(target=run, args=("symbolic", "(x+1)^2", "x^2+2x+1")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[k][0] for k in ("easy", "slow", "symbolic")] == [True, False, True]
+    # Three checks on two workers: the last may queue behind the slow one.
+    assert max(seconds for _, seconds in results.values()) < 2 * TIMEOUT_S + SLACK_S
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX only)")
+def test_forked_child_gets_its_own_workers():
+    assert check_math("x+1", "1+x")
+    parent_pids = [w.process.pid for w in verify._pool().workers if w.process is not None]
+    child = os.fork()
+    if child == 0:  # the child: must not talk to (or kill) the parent's workers
+        try:
+            ok = check_math("(x+1)^2", "x^2+2x+1") and verify._pool().owner_pid == os.getpid()
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [w.process.pid for w in verify._pool().workers if w.process is not None] == parent_pids
+    assert check_math("x+2", "2+x")
+
+
+# --- the reference data -------------------------------------------------------------------------
+
+
+def test_every_gsm8k_test_solution_verifies():
+    problems = load_problems("gsm8k", "test", shared_data("gsm8k"))
+    assert len(problems) == 1319
+    own = [score_completion(p.solution, p.answer, "gsm8k") for p in problems]
+    boxed = [
+        score_completion(f"So it is \\boxed{{{p.answer}}}.", p.answer, "gsm8k") for p in problems
+    ]
+    print(f"GSM8K test: reference solutions verify {sum(own)}/1319, boxed {sum(boxed)}/1319")
+    assert sum(own) == sum(boxed) == 1319  # no allow-list needed: every reference verifies
+
+
+def test_perturbed_gsm8k_answers_are_rejected():
+    problems = load_problems("gsm8k", "test", shared_data("gsm8k"))
+    for problem in problems:
+        value = parse_number(problem.answer)
+        assert value is not None and value.denominator == 1, problem.answer
+        for wrong in (value + 1, value - 1, value * 10):
+            completion = f"... so the answer is \\boxed{{{wrong}}}."
+            assert score_completion(completion, problem.answer, "gsm8k") == 0.0
+
+
+def _math500_problems():
+    return load_problems("math500", "test", shared_data("math500"))
+
+
+# MATH-500 answers whose reference solution does not verify against them (with the reason).
+MATH500_REFERENCE_MISSES: dict[str, str] = {}
+
+
+def test_every_math500_solution_verifies():
+    problems = _math500_problems()
+    start = time.monotonic()
+    ok = check_math_batch([(extract_boxed(p.solution), p.answer) for p in problems])
+    elapsed = time.monotonic() - start
+    misses = sorted(p.answer for p, good in zip(problems, ok) if not good)
+    print(f"MATH-500: {sum(ok)}/{len(ok)} reference solutions verify in {elapsed:.1f} s")
+    assert misses == sorted(MATH500_REFERENCE_MISSES)
+    assert sum(ok) / len(ok) >= 0.99
+
+
+# Digit perturbations that math-verify still accepts, each for a known reason.
+MATH500_PERTURBATION_ALLOWED = {
+    ".0000673": "math-verify compares floats after rounding to 6 decimals",
+    "864 \\mbox{ inches}^3": "units (and their exponent) are stripped before comparing",
+    "15\\mbox{ cm}^3": "units (and their exponent) are stripped before comparing",
+}
+
+
+def _bump_last_digit(answer: str) -> str | None:
+    """`\\frac{14}{3}` -> `\\frac{14}{4}`: a near miss, since only one digit changes."""
+    digits = list(re.finditer(r"\d", answer))
+    if not digits:
+        return None
+    i = digits[-1].start()
+    return answer[:i] + str((int(answer[i]) + 1) % 10) + answer[i + 1 :]
+
+
+@pytest.mark.slow
+def test_perturbed_math500_answers_are_rejected():
+    problems = _math500_problems()
+    plus_one = check_math_batch([(f"{p.answer} + 1", p.answer) for p in problems])
+    assert not any(plus_one), [p.answer for p, bad in zip(problems, plus_one) if bad]
+    pairs = [(_bump_last_digit(p.answer), p.answer) for p in problems if re.search(r"\d", p.answer)]
+    accepted = sorted(pred for (pred, _), bad in zip(pairs, check_math_batch(pairs)) if bad)
+    print(f"MATH-500: {len(accepted)}/{len(pairs)} one-digit perturbations accepted: {accepted}")
+    assert accepted == sorted(MATH500_PERTURBATION_ALLOWED)
+
+
+@pytest.mark.parametrize("name", ["aime24", "amc23"])
+def test_competition_answers_verify_and_perturbations_fail(name):
+    problems = load_problems(name, "test", shared_data(name))
+    for problem in problems:
+        assert score_completion(f"\\boxed{{{problem.answer}}}", problem.answer) == 1.0
+        assert score_completion(f"\\boxed{{{int(problem.answer) + 1}}}", problem.answer) == 0.0
