@@ -1,0 +1,206 @@
+"""Rollout speed and memory: `agpo_lab.rollout.generate` against `model.generate`.
+
+Both sample (do_sample=True, same temperature, same max_new_tokens, KV cache on) from the same
+model for the same left-padded batch of prompts. Two cases, because a random-init model almost
+never emits EOS:
+
+- forced: EOS is made impossible (its logit gets a -1e9 bias in the output layer, identically for
+  both), so every row generates exactly max_new_tokens tokens: pure per-token cost.
+- early: EOS gets a positive bias so that rows stop after ~max_new_tokens / 3 tokens on average
+  (with --model, the model's own EOS behaviour is used instead): the realistic case, where our
+  loop drops finished rows from the batch and `model.generate` keeps decoding them as padding.
+
+Each (implementation, case) runs in a fresh subprocess so that peak memory is its own: peak RSS
+(`resource.getrusage(...).ru_maxrss`, which includes the ~0.5 GB of torch + transformers imports,
+so the "after load" RSS is printed too) on CPU, `torch.cuda.max_memory_allocated` on CUDA.
+tokens/s counts generated tokens up to and including EOS, best of --repeats timed runs after a
+warm-up; "tok/CPU-s" divides by the process's CPU time instead of wall time, which is steadier on a
+machine shared with other jobs. Run: `python benchmarks/bench_rollout.py [--model data/embedded] [--batch 64]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+PROMPTS = ["12+34=", "7*8=", "(5+6)*2=", "99-45=", "3+4*5=", "81/9=", "1+1=", "250-17="]
+
+
+def build_model(model_path: str | None, device: str):
+    """The benchmark model and tokenizer: a local model folder, or a ~1M-param random Qwen2."""
+    if model_path:
+        from agpo_lab.models.loading import ModelConfig, load_policy
+
+        return load_policy(ModelConfig(name_or_path=model_path, dtype="float32"), device)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from agpo_lab.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).to(device).eval(), tok
+
+
+def set_eos_bias(model, eos_id: int, bias: float) -> None:
+    """Add `bias` to the EOS logit through an output-layer bias (same cost for both generators)."""
+    head = model.get_output_embeddings()
+    vector = torch.zeros(head.out_features, device=head.weight.device, dtype=head.weight.dtype)
+    vector[eos_id] = bias
+    head.bias = torch.nn.Parameter(vector, requires_grad=False)
+
+
+def early_stop_bias(vocab_size: int, mean_length: float) -> float:
+    """EOS bias giving P(EOS) = 1 / mean_length per step if the other logits were all equal.
+
+    Solve e^b / (e^b + V - 1) = q for b: b = log((V - 1) q / (1 - q)); e.g. V = 54, 32 -> 0.54.
+    """
+    q = 1.0 / mean_length
+    return math.log((vocab_size - 1) * q / (1 - q))
+
+
+def generated_tokens(completions: torch.Tensor, eos_id: int) -> int:
+    """Tokens up to and including the first EOS of each row (rows without EOS count fully)."""
+    is_eos = completions == eos_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.float().argmax(dim=1)
+    lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, completions.shape[1]))
+    return int(lengths.sum())
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Time one implementation on one case in this process; return the figures as a dict."""
+    from agpo_lab.rollout import RolloutConfig, generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = build_model(args.model, device)
+    eos = tok.eos_token_id
+    if args.case == "forced":
+        set_eos_bias(model, eos, -1e9)
+    elif not args.model:
+        set_eos_bias(model, eos, early_stop_bias(len(tok), args.max_new_tokens / 3))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    cfg = RolloutConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    rss_after_load_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def run_once(seed: int) -> int:
+        if args.impl == "ours":
+            rollout = generate(
+                model, tok, prompts, cfg, generator=torch.Generator(device).manual_seed(seed)
+            )
+            return int(rollout.lengths.sum())
+        torch.manual_seed(seed)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.max_new_tokens,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos,
+        )
+        return generated_tokens(out[:, enc["input_ids"].shape[1] :], eos)
+
+    run_once(0)  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    best = {"tokens_per_s": 0.0, "tokens_per_cpu_s": 0.0}
+    for seed in range(1, args.repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        tokens = run_once(seed)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        best["tokens"] = tokens
+        best["tokens_per_s"] = max(best["tokens_per_s"], tokens / wall)
+        best["tokens_per_cpu_s"] = max(best["tokens_per_cpu_s"], tokens / cpu)
+    best["rss_after_load_mb"] = rss_after_load_mb
+    best["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        best["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    best["device"] = device
+    return best
+
+
+def measure(args: argparse.Namespace, impl: str, case: str) -> dict:
+    """Run `worker` for (impl, case) in a fresh Python process and parse its JSON line."""
+    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--case", case]
+    cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd += ["--temperature", str(args.temperature), "--repeats", str(args.repeats)]
+    cmd += ["--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", args.model]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {impl}/{case} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="local model folder (e.g. data/embedded)")
+    parser.add_argument("--batch", type=int, default=64, help="rows per batch (prompts x G)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["forced", "early"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    model_name = args.model or "random Qwen2 (h128, 4 layers, ~1M params, char tokenizer)"
+    print(
+        f"model: {model_name}; batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
+        f"T={args.temperature}, best of {args.repeats}, torch threads {torch.get_num_threads()}"
+    )
+    header = f"{'case':<8}{'impl':<16}{'tokens':>8}{'tok/s':>10}{'tok/CPU-s':>11}"
+    header += f"{'RSS load MB':>13}{'peak RSS MB':>13}"
+    print(header + ("  peak CUDA MB" if torch.cuda.is_available() else ""))
+    for case in ("forced", "early"):
+        results = {impl: measure(args, impl, case) for impl in ("ours", "hf")}
+        for impl, name in (("ours", "agpo_lab"), ("hf", "model.generate")):
+            r = results[impl]
+            line = f"{case:<8}{name:<16}{r['tokens']:>8}{r['tokens_per_s']:>10.0f}"
+            line += f"{r['tokens_per_cpu_s']:>11.0f}"
+            line += f"{r['rss_after_load_mb']:>13.0f}{r['peak_rss_mb']:>13.0f}"
+            print(line + (f"{r['peak_cuda_mb']:>14.1f}" if "peak_cuda_mb" in r else ""))
+        ratio = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+        cpu_ratio = results["ours"]["tokens_per_cpu_s"] / results["hf"]["tokens_per_cpu_s"]
+        print(
+            f"{case:<8}ratio ours/generate tokens/s: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time"
+            " (target >= 2x)"
+        )
+
+
+if __name__ == "__main__":
+    main()

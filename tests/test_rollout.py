@@ -1,0 +1,280 @@
+"""Tests of agpo_lab.rollout: sampling, log-probs, left padding, greedy parity, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from agpo_lab.models.tokenizer import build_char_tokenizer
+from agpo_lab.rollout import (
+    RolloutConfig,
+    completion_logprobs,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    positions_from_mask,
+)
+
+PROMPTS = ["1+2=", "what is 13*7?", "a", "(3+4)*5=", "9", "12-5="]
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def tiny_model(tok, arch: str = "qwen2", eos_bias: float | None = None) -> torch.nn.Module:
+    """A random 2-layer model; `eos_bias` adds to the EOS logit so that some rows stop early."""
+    kwargs = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    if eos_bias is not None:
+        head = model.get_output_embeddings()
+        bias = torch.zeros(head.out_features)
+        bias[tok.eos_token_id] = eos_bias
+        head.bias = torch.nn.Parameter(bias)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def early_model(request, tok):
+    return tiny_model(tok, request.param, eos_bias=2.5)
+
+
+def test_filter_top_k_worked_example():
+    out = filter_top_k(torch.tensor([[1.0, 3.0, 2.0]]), 2)
+    assert out.tolist() == [[float("-inf"), 3.0, 2.0]]
+    assert torch.equal(filter_top_k(torch.tensor([[1.0, 2.0]]), 0), torch.tensor([[1.0, 2.0]]))
+
+
+def test_filter_top_p_worked_example():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    kept = filter_top_p(logits, 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False]]
+    # The most likely token always survives, even for a tiny p; order in the row does not matter.
+    assert filter_top_p(torch.tensor([[0.1, 0.9]]).log(), 0.01).isfinite().tolist() == [
+        [False, True]
+    ]
+
+
+def test_positions_from_mask_start_at_first_real_token():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_rollout_fields_are_consistent(tok, early_model):
+    cfg = RolloutConfig(max_new_tokens=12)
+    r = generate(early_model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(0))
+    batch, width = r.completion_ids.shape
+    assert batch == len(PROMPTS) and width == int(r.lengths.max()) <= 12
+    assert r.prompt_ids.shape == r.prompt_mask.shape and r.prompt_mask[:, -1].all()  # left padding
+    assert r.completion_mask.dtype == torch.float32
+    assert torch.equal(r.completion_mask.sum(1).long(), r.lengths)
+    assert (r.logprobs[r.completion_mask == 0] == 0).all()
+    assert (r.logprobs[r.completion_mask == 1] < 0).all()
+    assert (r.completion_ids[r.completion_mask == 0] == tok.pad_token_id).all()
+    last = r.completion_ids.gather(1, (r.lengths - 1)[:, None]).squeeze(1)
+    assert torch.equal(r.truncated, last != tok.eos_token_id)
+    assert (r.lengths[r.truncated] == 12).all()
+    assert (~r.truncated).any() and (r.lengths < 12).any(), "eos bias should stop some rows early"
+    for row, text, length in zip(r.completion_ids, r.texts, r.lengths):
+        assert text == tok.decode(row[:length].tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_match_completion_logprobs(tok, early_model, temperature):
+    cfg = RolloutConfig(max_new_tokens=16, temperature=temperature)
+    r = generate(early_model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(1))
+    assert len(set(r.lengths.tolist())) > 1, (
+        "need rows of different lengths (finished rows removed)"
+    )
+    recomputed = completion_logprobs(
+        early_model,
+        r.prompt_ids,
+        r.prompt_mask,
+        r.completion_ids,
+        r.completion_mask,
+        temperature=temperature,
+    )
+    torch.testing.assert_close(recomputed, r.logprobs, atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_equal_unpadded_plain_forward(tok, early_model):
+    """Left padding must not shift positions: each row alone, unpadded, gives the same log-probs."""
+    r = generate(early_model, tok, PROMPTS, RolloutConfig(max_new_tokens=10), generator=None)
+    batched, entropy = completion_logprobs(
+        early_model,
+        r.prompt_ids,
+        r.prompt_mask,
+        r.completion_ids,
+        r.completion_mask,
+        return_entropy=True,
+    )
+    for i in range(len(PROMPTS)):
+        prompt = r.prompt_ids[i][r.prompt_mask[i] == 1]
+        completion = r.completion_ids[i, : r.lengths[i]]
+        with torch.no_grad():
+            logits = early_model(torch.cat([prompt, completion])[None]).logits[0]
+        logp = logits[len(prompt) - 1 : -1].log_softmax(-1)
+        expected = logp.gather(-1, completion[:, None]).squeeze(-1)
+        torch.testing.assert_close(batched[i, : r.lengths[i]], expected, atol=1e-5, rtol=0)
+        expected_entropy = -(logp.exp() * logp).sum(-1)
+        torch.testing.assert_close(entropy[i, : r.lengths[i]], expected_entropy, atol=1e-5, rtol=0)
+    assert (entropy[r.completion_mask == 0] == 0).all()
+
+
+# EOS biases under which greedy decoding of the seed-0 tiny models stops some rows, not all.
+GREEDY_EOS_BIAS = {"qwen2": 0.0, "llama": 0.2}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("greedy", [dict(temperature=0.0), dict(top_k=1)])
+def test_greedy_equals_model_generate(tok, arch, greedy):
+    """Greedy is temperature=0 (or top_k=1); the tokens must equal transformers' greedy search."""
+    model = tiny_model(tok, arch, eos_bias=GREEDY_EOS_BIAS[arch])
+    cfg = RolloutConfig(max_new_tokens=16, **greedy)
+    ours = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(0))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    theirs = model.generate(
+        **enc, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id
+    )
+    assert torch.equal(enc["input_ids"], ours.prompt_ids)
+    assert torch.equal(theirs[:, enc["input_ids"].shape[1] :], ours.completion_ids)
+    assert (~ours.truncated).any() and ours.truncated.any(), (
+        "want rows that stop and rows that don't"
+    )
+
+
+def test_same_seed_same_rollout_and_other_seed_differs(tok):
+    model = tiny_model(tok, eos_bias=2.0)
+    cfg = RolloutConfig(max_new_tokens=12, top_p=0.9, top_k=20)
+
+    def run(seed):
+        return generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids[:, :4], c.completion_ids[:, :4])
+
+
+def test_top_k_samples_only_among_top_k_tokens(tok):
+    model = tiny_model(tok)
+    cfg = RolloutConfig(max_new_tokens=10, top_k=3)
+    r = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        mask = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
+        logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    step_logits = logits[:, r.prompt_ids.shape[1] - 1 : -1]
+    top3 = step_logits.topk(3, dim=-1).indices
+    assert (top3 == r.completion_ids[..., None]).any(-1)[r.completion_mask == 1].all()
+
+
+def test_finished_rows_leave_the_batch(tok):
+    model = tiny_model(tok, eos_bias=2.5)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        r = generate(model, tok, PROMPTS, RolloutConfig(max_new_tokens=16), generator=None)
+    finally:
+        hook.remove()
+    assert batch_sizes[0] == len(PROMPTS)
+    assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < len(PROMPTS)
+    # Each forward after the prefill decodes exactly the rows still running at that step.
+    running = [(r.lengths > step).sum().item() for step in range(1, int(r.lengths.max()))]
+    assert batch_sizes[1:] == running
+
+
+def test_lora_model_rollout_and_train_mode_restored(tok):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model(tok, eos_bias=2.5), LoraConfig(r=4, target_modules="all-linear")
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # make the adapters matter
+            torch.nn.init.normal_(param, std=0.1)
+    model.train()
+    r = generate(model, tok, PROMPTS, RolloutConfig(max_new_tokens=12), generator=None)
+    assert model.training, "generate must put the model back in train mode"
+    model.eval()
+    recomputed = completion_logprobs(
+        model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask
+    )
+    torch.testing.assert_close(recomputed, r.logprobs, atol=1e-5, rtol=0)
+    assert recomputed.requires_grad, "the loss needs gradients through completion_logprobs"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)],
+)
+def test_bad_rollout_config_is_one_line_error(tok, bad):
+    with pytest.raises(ValueError, match="RolloutConfig") as err:
+        generate(tiny_model(tok), tok, ["1"], RolloutConfig(**bad))
+    assert "\n" not in str(err.value)
+
+
+def test_empty_prompts_rejected(tok):
+    with pytest.raises(ValueError, match="empty"):
+        generate(tiny_model(tok), tok, [], RolloutConfig())
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_rollout", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_helpers():
+    bench = _bench_module()
+    assert bench.early_stop_bias(54, 32) == pytest.approx(0.5359, abs=1e-3)
+    eos = 2
+    assert bench.generated_tokens(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos) == 2 + 3
+
+
+@pytest.mark.parametrize("impl", ["ours", "hf"])
+@pytest.mark.parametrize("case", ["forced", "early"])
+def test_bench_worker_smoke(impl, case):
+    bench = _bench_module()
+    args = bench.argparse.Namespace(
+        model=None, impl=impl, case=case, batch=2, max_new_tokens=4, temperature=1.0, repeats=1
+    )
+    result = bench.worker(args)
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0
+    if case == "forced":
+        assert result["tokens"] == 2 * 4
+
+
+@pytest.mark.slow
+def test_bench_script_runs_end_to_end():
+    cmd = [sys.executable, str(BENCH), "--batch", "2", "--max-new-tokens", "4", "--repeats", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("ratio ours/generate") == 2
