@@ -142,8 +142,12 @@ def test_read_jsonl_reports_line_numbers(tmp_path):
 def test_unknown_dataset_and_split_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
         MathDatasetTask("gsm9k")
-    with pytest.raises(ValueError, match="math500 has no 'train' split; it has \\['test'\\]"):
+    with pytest.raises(ValueError) as error:
         MathDatasetTask("math500").problems("train")
+    message = str(error.value)
+    assert message.startswith("math500 has no 'train' split; it has ['test']")
+    assert "set task.train_split" in message and "task.train_split=test" in message
+    assert "\n" not in message
 
 
 # --- the hub ------------------------------------------------------------------------------------

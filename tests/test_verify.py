@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agpo_lab.tasks import verify
+from agpo_lab.tasks import verify, verify_worker
 from agpo_lab.tasks.math_datasets import load_problems
 from agpo_lab.tasks.verify import (
     check_math,
@@ -211,17 +211,22 @@ def test_screen_answer_reasons():
     assert "longer" in screen_answer("1" * 10_000)
 
 
+def worker_pids() -> list[int]:
+    """Process ids of the running math-verify workers of this process's pool."""
+    return [w.process.pid for w in verify_worker.shared_pool().workers if w.process is not None]
+
+
 def test_stuck_worker_is_killed_and_replaced(monkeypatch):
     # Disable the screen and the worker's own soft timer: only the parent's hard kill can stop
     # this check (it runs for over 20 s when left alone).
     monkeypatch.setattr(verify, "screen_answer", lambda answer: None)
-    monkeypatch.setattr(verify, "_SOFT_FRACTION", 1000.0)
-    pids_before = {w.process.pid for w in verify._pool().workers if w.process is not None}
+    monkeypatch.setattr(verify_worker, "SOFT_FRACTION", 1000.0)
+    pids_before = worker_pids()
     start = time.monotonic()
     assert not check_math(r"\binom{999999}{499999}", "1", timeout_s=0.5)
     assert time.monotonic() - start < 0.5 + SLACK_S
-    pids_after = {w.process.pid for w in verify._pool().workers if w.process is not None}
-    assert pids_after != pids_before  # one worker was killed
+    pids_after = worker_pids()
+    assert set(pids_after) != set(pids_before)  # one worker was killed
     assert check_math("x+1", "1+x")  # and the next check still works (on a fresh worker)
 
 
@@ -249,17 +254,20 @@ def test_checks_work_and_are_bounded_from_threads():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX only)")
 def test_forked_child_gets_its_own_workers():
     assert check_math("x+1", "1+x")
-    parent_pids = [w.process.pid for w in verify._pool().workers if w.process is not None]
+    parent_pids = worker_pids()
     child = os.fork()
     if child == 0:  # the child: must not talk to (or kill) the parent's workers
         try:
-            ok = check_math("(x+1)^2", "x^2+2x+1") and verify._pool().owner_pid == os.getpid()
+            ok = (
+                check_math("(x+1)^2", "x^2+2x+1")
+                and verify_worker.shared_pool().owner_pid == os.getpid()
+            )
         except BaseException:
             ok = False
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert [w.process.pid for w in verify._pool().workers if w.process is not None] == parent_pids
+    assert worker_pids() == parent_pids
     assert check_math("x+2", "2+x")
 
 

@@ -73,7 +73,11 @@ def normalize_split(name: str, split: str) -> str:
     """Our split name for `split` ("eval" means "test"); one-line error if the set lacks it."""
     split = "test" if split == "eval" else split
     if split not in _spec(name).splits:
-        raise ValueError(f"{name} has no {split!r} split; it has {list(_spec(name).splits)}")
+        splits = list(_spec(name).splits)
+        raise ValueError(
+            f"{name} has no {split!r} split; it has {splits}: set task.train_split / "
+            f"task.eval_split to one of them (e.g. task.train_split={splits[0]})"
+        )
     return split
 
 

@@ -10,26 +10,17 @@ Three layers, cheapest first:
 3. Checking: plain numbers are compared exactly with `fractions.Fraction` in-process. Everything
    else goes to `math-verify` (LaTeX parser only; its plain-expression parser runs
    `sympy.parse_expr`, i.e. `eval`, so it is never used on model text) in a small persistent
-   worker process. math-verify's own timeouts use `signal.alarm`, which only works in the main
-   thread; the worker runs them in its own main thread, and the parent kills and restarts a
-   worker that overruns, so every check is bounded from any thread.
+   worker process that is killed and replaced if it overruns, so every check is time-bounded
+   from any thread (`agpo_lab.tasks.verify_worker` explains why a process).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
-import threading
-import time
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+
+from agpo_lab.tasks.verify_worker import shared_pool
 
 MAX_TEXT_CHARS = 200_000
 """Longer completions are rejected outright (far beyond any realistic completion length)."""
@@ -197,7 +188,7 @@ def check_math(pred: str | None, ref: str, timeout_s: float = DEFAULT_TIMEOUT_S)
     pred_base, ref_base = _BASE_SUBSCRIPT.search(pred), _BASE_SUBSCRIPT.search(ref)
     if pred_base and ref_base and pred_base.group(1) != ref_base.group(1):
         return False  # 52_8 vs 52_9: math-verify drops the base subscript
-    return _pool().check(ref, pred, timeout_s)
+    return shared_pool().check(ref, pred, timeout_s)
 
 
 def score_completion(
@@ -213,182 +204,9 @@ def score_completion(
     return float(check_math(answer, reference, timeout_s))
 
 
-# --- the worker process -------------------------------------------------------------------------
-
-_WORKER_BOOT = (
-    "import importlib.util, sys; "
-    "spec = importlib.util.spec_from_file_location('_agpo_verify_worker', sys.argv[1]); "
-    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-    "module._worker_main()"
-)
-_WORKER_START_TIMEOUT_S = 60.0
-_SOFT_FRACTION = 0.8  # the worker gives up by itself at this fraction of the budget
-_WORKER_MEMORY_BYTES = 2 * 1024**3
-
-
-class _SoftTimeout(BaseException):
-    """Raised inside the worker by its own timer; BaseException so library `except Exception`
-    blocks cannot swallow it."""
-
-
-def _worker_main() -> None:
-    """Serve `{"gold", "pred", "soft_s"}` JSON lines on stdin with `{"ok"}` lines on stdout."""
-    import logging
-    import resource
-
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
-    logging.disable(logging.CRITICAL)
-    # A runaway expression should hit MemoryError, not the machine's OOM killer.
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
-
-    def same(gold: str, pred: str) -> bool:
-        gold_parsed = parse(f"\\boxed{{{gold}}}", config, parsing_timeout=None)
-        pred_parsed = parse(f"\\boxed{{{pred}}}", config, parsing_timeout=None)
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-    def on_alarm(signum, frame):
-        raise _SoftTimeout
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    # sympy imports much lazily on first use: pay that now, not in the first checks' budgets.
-    for gold, pred in [("(x+1)^2", "x^2+2x+1"), ("\\{1, 2\\}", "(1, 2]"), ("\\frac{1}{3}", "0.3")]:
-        same(gold, pred)
-    protocol.write('{"ready": true}\n')
-    protocol.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        signal.setitimer(signal.ITIMER_REAL, request["soft_s"])
-        try:
-            ok = same(request["gold"], request["pred"])
-        except (_SoftTimeout, Exception):
-            ok = False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        protocol.write(json.dumps({"ok": ok}) + "\n")
-        protocol.flush()
-
-
-class _Worker:
-    """One math-verify worker process; one check at a time (guarded by `lock`)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.process: subprocess.Popen | None = None
-        self.buffer = b""
-
-    def _start(self) -> None:
-        command = [sys.executable, "-I", "-c", _WORKER_BOOT, os.path.abspath(__file__)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        self.buffer = b""
-        if self._read_line(time.monotonic() + _WORKER_START_TIMEOUT_S) is None:
-            self.stop()
-            raise RuntimeError(
-                "the math-verify worker process failed to start; check that "
-                f"`{sys.executable} -c 'import math_verify'` works"
-            )
-
-    def _read_line(self, deadline: float) -> bytes | None:
-        """One line from the worker, or None on timeout or exit."""
-        assert self.process is not None and self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            for stream in (self.process.stdin, self.process.stdout):
-                stream.close()
-        self.process = None
-
-    def check(self, gold: str, pred: str, timeout_s: float) -> bool:
-        """Caller holds `self.lock`. Start-up time is not counted against `timeout_s`."""
-        if self.process is None or self.process.poll() is not None:
-            self.stop()
-            self._start()
-        assert self.process is not None and self.process.stdin is not None
-        request = {"gold": gold, "pred": pred, "soft_s": max(0.01, _SOFT_FRACTION * timeout_s)}
-        deadline = time.monotonic() + timeout_s
-        try:
-            self.process.stdin.write((json.dumps(request) + "\n").encode())
-            self.process.stdin.flush()
-            line = self._read_line(deadline)
-        except OSError:  # the worker died (e.g. out of memory): a fresh one next time
-            line = None
-        except BaseException:  # e.g. KeyboardInterrupt: an unread answer would desynchronise
-            self.stop()
-            raise
-        if line is None:  # overran even its own soft timer (stuck in C code): kill it
-            self.stop()
-            return False
-        return bool(json.loads(line)["ok"])
-
-
-class _WorkerPool:
-    """A few workers shared by all threads; a check takes any idle one."""
-
-    def __init__(self, size: int) -> None:
-        self.workers = [_Worker() for _ in range(size)]
-        self.owner_pid = os.getpid()
-        self.next = 0
-        self.next_lock = threading.Lock()
-
-    def check(self, gold: str, pred: str, timeout_s: float) -> bool:
-        for worker in self.workers:
-            if worker.lock.acquire(blocking=False):
-                break
-        else:  # all busy: queue on one of them, round robin
-            with self.next_lock:
-                worker = self.workers[self.next % len(self.workers)]
-                self.next += 1
-            worker.lock.acquire()
-        try:
-            return worker.check(gold, pred, timeout_s)
-        finally:
-            worker.lock.release()
-
-    def close(self) -> None:
-        if os.getpid() == self.owner_pid:  # a forked child must not kill its parent's workers
-            for worker in self.workers:
-                worker.stop()
-
-
-_POOL: _WorkerPool | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> _WorkerPool:
-    global _POOL
-    with _POOL_LOCK:
-        # After a fork the child must not share its parent's pipes: it gets its own pool.
-        if _POOL is None or _POOL.owner_pid != os.getpid():
-            size = os.environ.get("AGPO_LAB_VERIFY_WORKERS", str(min(2, os.cpu_count() or 1)))
-            if not size.isdigit() or int(size) < 1:
-                raise ValueError(f"AGPO_LAB_VERIFY_WORKERS={size!r}; set a whole number >= 1")
-            _POOL = _WorkerPool(int(size))
-            atexit.register(_POOL.close)
-        return _POOL
-
-
 def verify_workers() -> int:
     """How many math-verify worker processes the pool uses (env AGPO_LAB_VERIFY_WORKERS)."""
-    return len(_pool().workers)
+    return len(shared_pool().workers)
 
 
 def check_math_batch(
