@@ -172,3 +172,17 @@ def test_lora_reference_is_the_base_with_adapters_disabled(saved_model):
     assert not torch.allclose(with_adapters, base, atol=1e-3)
     with torch.no_grad():  # adapters are back on after the reference call
         torch.testing.assert_close(completion_logprobs(policy, *args), with_adapters)
+
+
+def test_char_tokenizer_survives_a_qwen2_model_folder(tmp_path, char_tokenizer, tiny_qwen2):
+    # transformers 5's AutoTokenizer would turn this folder's tokenizer into Qwen2Tokenizer,
+    # dropping newlines and spaces; load_tokenizer must give back exactly what was saved.
+    from agpo_lab.models.loading import load_tokenizer
+
+    char_tokenizer.save_pretrained(tmp_path)
+    tiny_qwen2.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    text = "q:12+7-5\ncheck 19-7=12;ans:14"
+    assert loaded(text)["input_ids"] == char_tokenizer(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    assert loaded.padding_side == "left"

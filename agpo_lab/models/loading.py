@@ -8,6 +8,7 @@ the weights is kept. With beta = 0 there is no KL term and no reference at all.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -97,19 +98,45 @@ def _load_or_fail(loader, source: str, **kwargs):
         ) from None
 
 
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""tokenizer_config.json classes that mean "exactly the saved tokenizer.json" (ours included)."""
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id, loaded as it was saved.
+
+    A folder whose tokenizer_config.json names a generic fast tokenizer (the embedded character
+    tokenizer does) is loaded with `PreTrainedTokenizerFast`: `AutoTokenizer` in transformers 5
+    substitutes the architecture's own class (Qwen2Tokenizer next to a qwen2 config.json), whose
+    byte-level pipeline drops the newlines and spaces the character tokenizer relies on.
+    Everything else goes through `AutoTokenizer`.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(source) / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            tokenizer_class = json.loads(config_file.read_text()).get("tokenizer_class")
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({err}); re-save the tokenizer"
+            ) from None
+        if tokenizer_class in GENERIC_TOKENIZER_CLASSES:
+            return _load_or_fail(PreTrainedTokenizerFast.from_pretrained, source)
+    return _load_or_fail(AutoTokenizer.from_pretrained, source, trust_remote_code=trust_remote_code)
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.Module, object]:
     """Load (model, tokenizer) for training on `device`, with LoRA and checkpointing as configured.
 
     The tokenizer pads on the left (for batched generation); a tokenizer without a pad token
     pads with its EOS token. Remote code runs only with `cfg.trust_remote_code`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve_model_path(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = _load_or_fail(
-        AutoTokenizer.from_pretrained, source, trust_remote_code=cfg.trust_remote_code
-    )
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

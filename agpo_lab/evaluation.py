@@ -1,0 +1,350 @@
+"""Held-out evaluation: pass@1 (greedy and sampled), pass@k and token counts.
+
+Three layers, each usable alone from a notebook:
+
+    evaluate_records(model, tokenizer, task, problems, cfg)  -> DataFrame, one row per completion
+    summarize_records(records, k)                             -> {"eval/...": float}
+    evaluate(...) = summarize_records(evaluate_records(...))
+
+`agpo-lab eval RUN_OR_MODEL` (see `eval_main`) runs the same thing on a run directory or a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from agpo_lab.tasks.base import Problem, Task
+
+CORRECT_SCORE = 1.0
+"""A completion counts as correct when its task score reaches this (the Task protocol's 'correct')."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """How to evaluate a policy on a held-out split."""
+
+    n_problems: int | None = None
+    """Evaluate n problems of the split (a fixed, evenly spaced subset); None = the whole split."""
+    k: int = 8
+    """Sampled completions per problem; also the k of pass@k. 0 = greedy only (no sampled metrics)."""
+    temperature: float = 1.0
+    """Sampling temperature of the k sampled completions (greedy decoding ignores it)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the sampled completions (1.0 = off)."""
+    max_new_tokens: int = 96
+    """Generation budget per completion; a completion that hits it is counted as truncated."""
+    batch_size: int = 64
+    """Completions generated per `generate` call (memory knob; results do not depend on it)."""
+    seed: int = 0
+    """Seed of the sampling generator used when the caller passes none (same seed, same samples)."""
+    greedy: bool = True
+    """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
+
+    def __post_init__(self) -> None:
+        if self.n_problems is not None and self.n_problems < 1:
+            raise ValueError(f"EvalConfig.n_problems={self.n_problems}: use a positive int or None")
+        if self.k < 0:
+            raise ValueError(f"EvalConfig.k={self.k}: use k >= 1 (or 0 for greedy only)")
+        if self.k == 0 and not self.greedy:
+            raise ValueError("EvalConfig: k=0 with greedy=False evaluates nothing; set one of them")
+        if self.temperature <= 0:
+            raise ValueError(f"EvalConfig.temperature={self.temperature}: must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"EvalConfig.top_p={self.top_p}: must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("EvalConfig: max_new_tokens and batch_size must be >= 1")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021, arXiv 2107.03374) from n samples, c correct.
+
+        pass@k = 1 - C(n - c, k) / C(n, k)
+               = 1 - prod_{i = n-c+1}^{n} (1 - k / i)      (the product form avoids huge binomials)
+
+    It is the probability that k samples drawn without replacement from the n contain a correct one.
+    Worked example: n=4, c=1, k=2 -> 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5.
+    With k = n it is 1 if any sample is correct; with k = 1 it is c / n.
+    """
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def select_problems(problems: list[Problem], n: int | None) -> list[Problem]:
+    """A fixed, evenly spaced subset of n problems (all of them when n is None or >= len).
+
+    Evenly spaced rather than the first n, because splits are often ordered by difficulty level.
+    Example: 10 problems, n=3 -> indices 0, 3, 6.
+    """
+    if n is None or n >= len(problems):
+        return list(problems)
+    return [problems[i * len(problems) // n] for i in range(n)]
+
+
+def _generate_rows(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    samples_per_prompt: int,
+    greedy: bool,
+    cfg: EvalConfig,
+    generator: torch.Generator | None,
+) -> list[tuple[str, int, bool]]:
+    """(text, tokens, truncated) for every completion, prompt-major, generated in chunks.
+
+    `rollout.generate` draws one completion per prompt string, so each prompt is repeated
+    `samples_per_prompt` times; temperature 0 is its greedy decoding.
+    """
+    from agpo_lab.rollout import RolloutConfig, generate
+
+    rollout_cfg = RolloutConfig(
+        temperature=0.0 if greedy else cfg.temperature,
+        top_p=1.0 if greedy else cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    prompts_per_call = max(1, cfg.batch_size // samples_per_prompt)
+    rows: list[tuple[str, int, bool]] = []
+    for start in range(0, len(prompts), prompts_per_call):
+        chunk = prompts[start : start + prompts_per_call]
+        repeated = [prompt for prompt in chunk for _ in range(samples_per_prompt)]
+        out = generate(model, tokenizer, repeated, rollout_cfg, generator=generator)
+        rows.extend(
+            zip(out.texts, map(int, out.lengths.tolist()), map(bool, out.truncated.tolist()))
+        )
+    return rows
+
+
+def evaluate_records(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    problems: list[Problem],
+    cfg: EvalConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> pd.DataFrame:
+    """Generate and score completions; one row per completion (for notebooks and `evaluate`).
+
+    Columns: problem_id, difficulty, greedy (bool), sample (0..k-1; 0 for the greedy row), text,
+    tokens (completion length incl. EOS), truncated, score (task score in [0, 1]), correct.
+    Generation runs in eval mode (no dropout); the model's train/eval mode is left as it was.
+    """
+    cfg = cfg or EvalConfig()
+    problems = select_problems(problems, cfg.n_problems)
+    if not problems:
+        raise ValueError("evaluate: the problem list is empty; check the task's eval split")
+    if generator is None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompts = [task.format_prompt(p, tokenizer) for p in problems]
+
+    records = []
+    # (greedy?, completions per problem): one greedy pass, then k samples per problem.
+    passes = [(True, 1)] * cfg.greedy + [(False, cfg.k)] * (cfg.k > 0)
+    for greedy, per_prompt in passes:
+        rows = _generate_rows(model, tokenizer, prompts, per_prompt, greedy, cfg, generator)
+        for row_index, (text, tokens, truncated) in enumerate(rows):
+            problem = problems[row_index // per_prompt]
+            score = float(task.score(text, problem))
+            records.append(
+                {
+                    "problem_id": problem.id,
+                    "difficulty": problem.difficulty,
+                    "greedy": greedy,
+                    "sample": row_index % per_prompt,
+                    "text": text,
+                    "tokens": tokens,
+                    "truncated": truncated,
+                    "score": score,
+                    "correct": score >= CORRECT_SCORE,
+                }
+            )
+    return pd.DataFrame.from_records(records)
+
+
+def _mean_or_nan(values: pd.Series) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def summarize_records(records: pd.DataFrame, k: int) -> dict[str, float]:
+    """Namespaced metrics from `evaluate_records` rows (pure: no model involved).
+
+    eval/pass@1_greedy       fraction of problems whose greedy completion is correct
+    eval/pass@1_sampled      mean over problems of c_i / n_i (n_i sampled completions, c_i correct)
+    eval/pass@k              mean over problems of pass_at_k(n_i, c_i, k)
+    eval/mean_tokens[_correct|_wrong], eval/truncated_frac
+                             over the sampled completions (the greedy ones when there are none);
+                             NaN when a subset is empty (e.g. no correct completion)
+    eval/mean_tokens_greedy  mean length of the greedy completions
+    .../level_<d>            pass@1 per difficulty level, when problems carry levels (any d != 0)
+    """
+    if records.empty:
+        raise ValueError("summarize_records: no records to summarize")
+    greedy = records[records["greedy"]]
+    sampled = records[~records["greedy"]]
+    metrics: dict[str, float] = {"eval/n_problems": float(records["problem_id"].nunique())}
+    has_levels = bool((records["difficulty"] != 0).any())
+
+    if len(greedy):
+        metrics["eval/pass@1_greedy"] = float(greedy["correct"].mean())
+        metrics["eval/mean_tokens_greedy"] = float(greedy["tokens"].mean())
+        if has_levels:
+            for level, rows in greedy.groupby("difficulty"):
+                metrics[f"eval/pass@1_greedy/level_{level}"] = float(rows["correct"].mean())
+    if len(sampled):
+        per_problem = sampled.groupby("problem_id", sort=False).agg(
+            n=("correct", "size"), c=("correct", "sum"), difficulty=("difficulty", "first")
+        )
+        per_problem["accuracy"] = per_problem["c"] / per_problem["n"]
+        metrics["eval/pass@1_sampled"] = float(per_problem["accuracy"].mean())
+        metrics["eval/pass@k"] = float(
+            sum(pass_at_k(int(n), int(c), k) for n, c in zip(per_problem["n"], per_problem["c"]))
+            / len(per_problem)
+        )
+        metrics["eval/k"] = float(k)
+        if has_levels:
+            for level, rows in per_problem.groupby("difficulty"):
+                metrics[f"eval/pass@1_sampled/level_{level}"] = float(rows["accuracy"].mean())
+
+    lengths_from = sampled if len(sampled) else greedy
+    metrics["eval/mean_tokens"] = float(lengths_from["tokens"].mean())
+    metrics["eval/mean_tokens_correct"] = _mean_or_nan(
+        lengths_from["tokens"][lengths_from["correct"]]
+    )
+    metrics["eval/mean_tokens_wrong"] = _mean_or_nan(
+        lengths_from["tokens"][~lengths_from["correct"]]
+    )
+    metrics["eval/truncated_frac"] = float(lengths_from["truncated"].mean())
+    return metrics
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    problems: list[Problem],
+    cfg: EvalConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Evaluate a policy on `problems`: the metrics of `summarize_records` (keys start with eval/)."""
+    cfg = cfg or EvalConfig()
+    records = evaluate_records(model, tokenizer, task, problems, cfg, generator=generator)
+    return summarize_records(records, cfg.k)
+
+
+# ---- command line: agpo-lab eval RUN_OR_MODEL ------------------------------------------------
+
+
+def load_for_eval(target: str, device: str = "cpu") -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, the run's TrainConfig or None, description) for a run or a model.
+
+    A run directory (has config.yaml) gives its model with the weights of its latest checkpoint,
+    or its final/ folder when it has no checkpoint; "embedded" or a `from_pretrained` folder gives
+    that model and no run config.
+    """
+    path = Path(target)
+    is_model = target == "embedded" or (path / "config.json").is_file()
+    if not is_model and not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{target} is not a run directory (no config.yaml), a model folder (no config.json) "
+            "or 'embedded'"
+        )
+    from agpo_lab.models.loading import ModelConfig, load_policy
+
+    if is_model:
+        model, tokenizer = load_policy(ModelConfig(name_or_path=target), device)
+        return model, tokenizer, None, f"model {target}"
+    from agpo_lab.config import load_config
+    from agpo_lab.runs import find_latest_checkpoint, load_checkpoint
+
+    train_cfg = load_config(path / "config.yaml")
+    checkpoint = find_latest_checkpoint(path)
+    if checkpoint is None:
+        if not (path / "final" / "config.json").is_file():
+            raise FileNotFoundError(f"run {target} has no checkpoint and no final/ model yet")
+        model, tokenizer = load_policy(ModelConfig(name_or_path=str(path / "final")), device)
+        return model, tokenizer, train_cfg, f"run {target} (final/)"
+    model, tokenizer = load_policy(train_cfg.model, device)
+    tensors, _ = load_checkpoint(checkpoint)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown or not tensors:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit the run's model ({len(unknown)} unknown "
+            f"tensors, e.g. {unknown[:1]}); was config.yaml edited after training?"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return model, tokenizer, train_cfg, f"run {target} ({checkpoint.name})"
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """`agpo-lab eval RUN_OR_MODEL [--task T] [--n N] [--k K] [--out FILE] ...`.
+
+    Unset options take the run's eval settings (or EvalConfig's defaults for a model). Prints a
+    metric table and writes the metrics as JSON to --out (default for a run: RUN/eval.json).
+    A bad path or setting prints one line to stderr and exits with code 2.
+    """
+    parser = argparse.ArgumentParser(prog="agpo-lab eval", description="Evaluate a run or model.")
+    add = parser.add_argument
+    add("target", metavar="RUN_OR_MODEL", help="run directory, model folder or 'embedded'")
+    add("--task", help="task name (default: the run's task, else arithmetic)")
+    add("--split", help="split to evaluate (default: the task's eval split)")
+    add("--n", type=int, dest="n_problems", help="number of problems (default: all)")
+    add("--k", type=int, help="sampled completions per problem, the k of pass@k")
+    add("--temperature", type=float)
+    add("--max-new-tokens", type=int)
+    add("--batch-size", type=int)
+    add("--seed", type=int)
+    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add("--out", help="write the metrics as JSON here")
+    add("--records", help="also write one row per completion to this .csv")
+    args = parser.parse_args(argv)
+    from agpo_lab.tasks.registry import TaskConfig, build_task
+
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalConfig)}
+    try:
+        model, tokenizer, run_cfg, description = load_for_eval(args.target, args.device)
+        base = run_cfg.eval if run_cfg else EvalConfig()
+        cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        task_cfg = run_cfg.task if run_cfg else TaskConfig()
+        task_cfg = TaskConfig(name=args.task) if args.task else task_cfg
+        task = build_task(task_cfg)
+        records = evaluate_records(
+            model, tokenizer, task, task.problems(args.split or task_cfg.eval_split), cfg
+        )
+    except (OSError, ValueError) as err:
+        print(f"agpo-lab eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    metrics = summarize_records(records, cfg.k)
+    print(f"{description}, task {task_cfg.name}, {records['problem_id'].nunique()} problems")
+    for key, value in metrics.items():
+        print(f"  {key:<34} {value:>10.4f}")
+    out = args.out or (str(Path(args.target, "eval.json")) if run_cfg else None)
+    if out:
+        safe = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}  # strict JSON
+        Path(out).write_text(json.dumps(safe, indent=2) + "\n")
+        print(f"wrote {out}")
+    if args.records:
+        records.to_csv(args.records, index=False)
+        print(f"wrote {args.records}")

@@ -1,0 +1,342 @@
+"""RL step time and peak memory: agpo_lab's trainer against TRL 1.16's GRPOTrainer, on CPU.
+
+Both sides train the identical tiny model (one folder, loaded by each side: same initial weights)
+on the ArithmeticTask train prompts, with the same group size G, prompts per step, max new tokens,
+beta, learning rate, loss type ("grpo": per-sequence token mean, group-std advantages), sampling
+temperature 1.0, and exactly one optimizer step per generation batch (mu = 1, no accumulation).
+Each side runs in a fresh subprocess, one after the other, so its peak RSS (resource.getrusage)
+is its own and the two never compete for the CPU.
+
+A step is timed end to end, from one step's end to the next (generation, reward, forward/backward,
+optimizer, metrics): the first `--warmup` steps are excluded and the median of the rest reported.
+Step time depends on how many tokens were generated, so tokens per step and seconds per generated
+token are printed too, and process CPU seconds per step (less sensitive to other load on a
+shared machine than wall time). `--rounds N` runs the sides N times, alternating, and pools the
+timed steps, so slow drifts in background load hit both sides alike.
+
+    python benchmarks/bench_trainer.py              # defaults: 8 prompts x G=8, 64 new tokens
+    python benchmarks/bench_trainer.py --rounds 3   # steadier figures on a busy machine
+    python benchmarks/bench_trainer.py --quick      # smallest settings (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
+    p.add_argument("--rounds", type=int, default=1, help="fresh runs per side, alternating")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--beta", type=float, default=0.0, help="KL weight (> 0 keeps a reference model)"
+    )
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (data/embedded; falls back to 'random' if absent), 'random' (a tiny Qwen2 "
+        "built from a config, seed 0) or a model folder",
+    )
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the 'random' model")
+    p.add_argument("--layers", type=int, default=2, help="layers of the 'random' model")
+    p.add_argument(
+        "--quick", action="store_true", help="smallest settings: 2 prompts, G=2, 8 tokens"
+    )
+    p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.prompts, args.group_size = 2, 1, 2, 2
+        args.max_new_tokens = 8
+    if min(args.steps, args.rounds, args.prompts) < 1 or args.warmup < 0 or args.group_size < 2:
+        p.error("need --steps, --rounds, --prompts >= 1, --warmup >= 0, --group-size >= 2")
+    return args
+
+
+def prepare_model_dir(args: argparse.Namespace, scratch: Path) -> tuple[Path, str]:
+    """The folder both sides load, and a one-line description of the model."""
+    from agpo_lab.models import EMBEDDED_MODEL_DIR
+
+    if args.model == "embedded" and (EMBEDDED_MODEL_DIR / "config.json").is_file():
+        return EMBEDDED_MODEL_DIR, f"embedded ({EMBEDDED_MODEL_DIR})"
+    if args.model not in ("embedded", "random"):
+        folder = Path(args.model)
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"bench_trainer: error: no config.json in model folder {folder}")
+        return folder, str(folder)
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from agpo_lab.models.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    folder = scratch / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    return (
+        folder,
+        f"random Qwen2 h{args.hidden} x{args.layers} layers ({n_params / 1e6:.2f} M params)",
+    )
+
+
+class StepClock:
+    """Wall and process-CPU time at the end of every step (CPU time counts all threads)."""
+
+    def __init__(self) -> None:
+        self.walls, self.cpus = [time.perf_counter()], [time.process_time()]
+
+    def tick(self, *_: object, **__: object) -> None:
+        self.walls.append(time.perf_counter())
+        self.cpus.append(time.process_time())
+
+    def durations(self) -> dict[str, list[float]]:
+        """Per-step seconds: [t1 - t0, t2 - t1, ...] for the wall and the CPU clock."""
+
+        def diff(xs: list[float]) -> list[float]:
+            return [b - a for a, b in zip(xs, xs[1:])]
+
+        return {"step_seconds": diff(self.walls), "cpu_seconds": diff(self.cpus)}
+
+
+# ----------------------------------------------------------------------------- TRL side
+def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from agpo_lab.models.loading import load_tokenizer
+    from agpo_lab.tasks.arithmetic import ArithmeticTask
+
+    tokenizer = load_tokenizer(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    task = ArithmeticTask(seed=0)
+    problems = task.problems("train")
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [task.format_prompt(p, tokenizer) for p in problems],
+            "problem_index": list(range(len(problems))),
+        }
+    )
+
+    def correctness(completions: list[str], problem_index: list[int], **_: object) -> list[float]:
+        return [task.score(c, problems[i]) for c, i in zip(completions, problem_index)]
+
+    config = GRPOConfig(
+        output_dir=str(out_dir / "trl"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        per_device_train_batch_size=args.prompts * args.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.group_size,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        max_steps=args.warmup + args.steps,
+        logging_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        beta=args.beta,
+        loss_type="grpo",
+        scale_rewards="group",
+        epsilon=0.2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        disable_dropout=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    clock = StepClock()
+
+    class OnStepEnd(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            clock.tick()
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=correctness,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[OnStepEnd()],
+    )
+    clock.__init__()  # start the clocks after setup
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "completions/mean_length" in log]
+    completions = args.prompts * args.group_size
+    return {
+        **clock.durations(),
+        "tokens_per_step": [log["completions/mean_length"] * completions for log in logs],
+        "reward": [log.get("reward", float("nan")) for log in logs],
+    }
+
+
+# ----------------------------------------------------------------------------- our side
+def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from agpo_lab.config import TrainConfig
+    from agpo_lab.models.loading import load_tokenizer
+    from agpo_lab.trainer import Trainer
+
+    tokenizer = load_tokenizer(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)  # loaded as TRL loads it
+    config = TrainConfig.from_dict(
+        {
+            "task": {"name": "arithmetic", "seed": 0},
+            "rollout": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+                        "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+            # TRL's loss_type="grpo": group std (Bessel) + 1e-4, per-sequence token mean, clip 0.2
+            "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
+                          "std": "bessel", "eps": 1e-4, "clip_low": 0.2, "clip_high": 0.2,
+                          "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
+            "optim": {"lr": args.lr, "warmup_steps": 0, "max_grad_norm": 1.0,
+                      "mini_batch_size": None, "grad_accumulation": 1},
+            "run": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts,
+                    "seed": 0, "out_dir": str(out_dir), "name": Path(args.result).stem, "eval_every": 0,
+                    "save_every": 0, "log_samples_every": 0, "device": "cpu"},
+        }
+    )  # fmt: skip
+    trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    clock = StepClock()
+    logged = trainer.train(callback=clock.tick)
+    completions = args.prompts * args.group_size
+    return {
+        **clock.durations(),
+        "tokens_per_step": [m["length/mean"] * completions for m in logged],
+        "reward": [m["reward/mean"] for m in logged],
+        "rollout_seconds": [m["perf/rollout_seconds"] for m in logged],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def worker(args: argparse.Namespace) -> None:
+    out_dir = Path(args.result).parent
+    result = run_trl(args, out_dir) if args.side == "trl" else run_ours(args, out_dir)
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    Path(args.result).write_text(json.dumps(result))
+
+
+def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
+    """Medians over the timed steps of all rounds (warm-up steps of each round dropped)."""
+    seconds = [x for r in rounds for x in r["step_seconds"][warmup:]]
+    cpu = [x for r in rounds for x in r["cpu_seconds"][warmup:]]
+    tokens = [x for r in rounds for x in r["tokens_per_step"][warmup:]]
+    return {
+        "median_step_s": statistics.median(seconds),
+        "median_cpu_s": statistics.median(cpu),
+        "tokens_per_step": statistics.mean(tokens),
+        "ms_per_token": 1000 * sum(seconds) / max(sum(tokens), 1e-9),
+        "max_rss_mb": max(r["max_rss_mb"] for r in rounds),
+        "reward": statistics.mean(x for r in rounds for x in r["reward"][warmup:]),
+        "rollout_share": sum(x for r in rounds for x in r.get("rollout_seconds", [])[warmup:])
+        / sum(seconds),
+    }
+
+
+def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dict) -> None:
+    rows = [
+        ("median step seconds (wall)", "median_step_s", "{:.3f}"),
+        ("median step CPU seconds", "median_cpu_s", "{:.3f}"),
+        ("generated tokens per step", "tokens_per_step", "{:.0f}"),
+        ("ms per generated token", "ms_per_token", "{:.3f}"),
+        ("peak RSS (MiB)", "max_rss_mb", "{:.0f}"),
+        ("mean reward (timed steps)", "reward", "{:.3f}"),
+    ]
+    print(f"\nmodel: {model_desc}")
+    print(
+        f"setup: {args.prompts} prompts x G={args.group_size}, max_new_tokens={args.max_new_tokens}, "
+        f"beta={args.beta}, loss=grpo, mu=1, CPU ({torch_threads()} torch threads); "
+        f"{args.rounds} round(s) of {args.steps} timed steps after {args.warmup} warm-up"
+    )
+    print(f"\n{'':28s} {'agpo_lab':>10s} {'TRL 1.16':>10s} {'ours/TRL':>9s}")
+    for label, key, fmt in rows:
+        ratio = f"{ours[key] / trl[key]:.2f}x" if trl[key] and key != "reward" else "-"
+        ours_text, trl_text = fmt.format(ours[key]), fmt.format(trl[key])
+        print(f"{label:28s} {ours_text:>10s} {trl_text:>10s} {ratio:>9s}")
+    print(f"(ours: sampling + rewards take {100 * ours['rollout_share']:.0f}% of the step)\n")
+    step_ratio = ours["median_step_s"] / trl["median_step_s"]
+    print(f"ratio step time ours/TRL: {step_ratio:.3f} (target <= 0.5)")
+    print(f"ratio s/token ours/TRL: {ours['ms_per_token'] / trl['ms_per_token']:.3f}")
+    print(f"ratio peak memory ours/TRL: {ours['max_rss_mb'] / trl['max_rss_mb']:.3f}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_worker(side: str, result_file: Path, common: list[str]) -> dict:
+    """Run one side in a fresh interpreter; its output is shown only if it fails."""
+    cmd = [sys.executable, __file__, f"--side={side}", f"--result={result_file}", *common]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"bench_trainer: the {side} worker failed (exit {done.returncode})")
+    return json.loads(result_file.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.side:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir, model_desc = prepare_model_dir(args, scratch)
+        common = [
+            f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}",
+            f"--group-size={args.group_size}", f"--max-new-tokens={args.max_new_tokens}",
+            f"--beta={args.beta}", f"--lr={args.lr}", f"--model-dir={model_dir}",
+        ]  # fmt: skip
+        results: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for round_index in range(args.rounds):  # alternate sides so load drift hits both
+            for side in ("ours", "trl"):
+                print(f"round {round_index + 1}/{args.rounds}: {side} ...", flush=True)
+                result_file = scratch / f"{side}{round_index}.json"
+                results[side].append(run_worker(side, result_file, common))
+    ours, trl = (summarize(results[side], args.warmup) for side in ("ours", "trl"))
+    print_report(args, model_desc, ours, trl)
+
+
+if __name__ == "__main__":
+    main()
