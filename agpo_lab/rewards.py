@@ -1,0 +1,70 @@
+"""From task scores to the learning signal, as `AlgorithmConfig` asks: length-shaped rewards, then
+group advantages. The formulas live in `agpo_lab.algorithms`; this module only picks them.
+
+All tensors are [num_groups, G] (G completions of one prompt per row), because every term here
+needs whole groups.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from agpo_lab.algorithms import advantages as adv_lib
+from agpo_lab.algorithms.length_rewards import (
+    agpo_length_reward,
+    dapo_overlong_penalty,
+    kimi_length_penalty,
+)
+
+if TYPE_CHECKING:
+    from agpo_lab.config import AlgorithmConfig
+
+
+def shaped_rewards(
+    scores: Tensor, lengths: Tensor, cfg: AlgorithmConfig, max_new_tokens: int
+) -> Tensor:
+    """reward = score + length term (cfg.length_reward: none, agpo, kimi or dapo_overlong).
+
+    A completion counts as correct when its score is >= 1. Example: length_reward="none" gives
+    the scores unchanged; "dapo_overlong" with max_new_tokens=8, overlong_cache=4 subtracts
+    (length - 4) / 4 from completions longer than 4 tokens (-1 at the limit).
+    """
+    return scores + _length_term(scores >= 1.0, lengths, cfg, max_new_tokens)
+
+
+def _length_term(
+    correct: Tensor, lengths: Tensor, cfg: AlgorithmConfig, max_new_tokens: int
+) -> Tensor:
+    if cfg.length_reward == "agpo":
+        return agpo_length_reward(
+            correct, lengths, cfg.length_weight, cfg.length_in_homogeneous_groups
+        )
+    if cfg.length_reward == "kimi":
+        return kimi_length_penalty(correct, lengths, weight=cfg.length_weight)
+    if cfg.length_reward == "dapo_overlong":
+        return dapo_overlong_penalty(lengths, max_new_tokens, cfg.overlong_cache)
+    return torch.zeros(correct.shape)
+
+
+def group_advantages(rewards: Tensor, cfg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """(advantages [num_groups, G], group_mask [num_groups]) by cfg.estimator and zero_variance.
+
+    See `agpo_lab.algorithms.advantages.compute_advantages`. Example: GRPO on [[1, 0]] gives
+    [[0.7070, -0.7070]] (Bessel std, eps 1e-4).
+    """
+    # Estimators differ in their options; pass std / eps only to those that take them.
+    takes = inspect.signature(adv_lib.ESTIMATORS[cfg.estimator]).parameters
+    options = {k: v for k, v in {"std": cfg.std, "eps": cfg.eps}.items() if k in takes}
+    return adv_lib.compute_advantages(
+        rewards,
+        cfg.estimator,
+        zero_variance=cfg.zero_variance,
+        r_min=cfg.r_min,
+        r_max=cfg.r_max,
+        intermediate=cfg.intermediate,
+        **options,
+    )

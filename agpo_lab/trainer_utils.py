@@ -1,0 +1,110 @@
+"""The row batch the loss consumes, and preparing a policy and its optimizer for RL training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RowBatch:
+    """Completions ready for the loss: B rows, G consecutive rows per group."""
+
+    prompt_ids: Tensor
+    """[B, P] long, left-padded."""
+    prompt_mask: Tensor
+    """[B, P] long, 1 on prompt tokens."""
+    completion_ids: Tensor
+    """[B, C] long, right-padded."""
+    completion_mask: Tensor
+    """[B, C] float, 1 on generated tokens."""
+    old_logprobs: Tensor
+    """[B, C] log-probs under the sampling policy."""
+    advantages: Tensor
+    """[B] one advantage per completion."""
+    active: Tensor
+    """[B] bool, False for rows of dropped groups (they stay in the batch with no loss weight, so
+    every process keeps the same shapes)."""
+
+    @property
+    def model_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(prompt_ids, prompt_mask, completion_ids, completion_mask): what log-probs need."""
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """[B, C] tokens that enter the loss: generated tokens of active rows."""
+        return self.completion_mask * self.active[:, None].to(self.completion_mask.dtype)
+
+    def select(self, rows: Tensor) -> RowBatch:
+        """The rows at index `rows`, in that order."""
+        return RowBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    @staticmethod
+    def cat(batches: list[RowBatch], pad_id: int) -> RowBatch:
+        """Stack batches row-wise, padding prompts on the left and completions on the right."""
+        prompt_width = max(b.prompt_ids.shape[1] for b in batches)
+        completion_width = max(b.completion_ids.shape[1] for b in batches)
+
+        def cat(name: str, width: int | None, value: float, left: bool) -> Tensor:
+            parts = [getattr(b, name) for b in batches]
+            if width is not None:
+                parts = [_pad(t, width, value, left) for t in parts]
+            return torch.cat(parts)
+
+        return RowBatch(
+            prompt_ids=cat("prompt_ids", prompt_width, pad_id, left=True),
+            prompt_mask=cat("prompt_mask", prompt_width, 0, left=True),
+            completion_ids=cat("completion_ids", completion_width, pad_id, left=False),
+            completion_mask=cat("completion_mask", completion_width, 0, left=False),
+            old_logprobs=cat("old_logprobs", completion_width, 0, left=False),
+            advantages=cat("advantages", None, 0, False),
+            active=cat("active", None, 0, False),
+        )
+
+    def replace_groups(
+        self,
+        slots: list[int],
+        donor: RowBatch,
+        donor_groups: list[int],
+        group_size: int,
+        pad_id: int,
+    ) -> RowBatch:
+        """This batch with its group slots[i] replaced by donor's group donor_groups[i] (pairs
+        beyond the shorter list are ignored); other groups keep their place.
+
+        Example: G=2, slots [1], donor_groups [0] -> rows 0, 1 of self, then rows 0, 1 of donor.
+        """
+        rows = torch.arange(self.advantages.numel()).view(-1, group_size)
+        donor_rows = torch.arange(donor.advantages.numel()).view(-1, group_size) + rows.numel()
+        for slot, new in zip(slots, donor_groups):
+            rows[slot] = donor_rows[new]
+        both = RowBatch.cat([self, donor], pad_id)
+        return both.select(rows.flatten().to(self.advantages.device))
+
+
+def _pad(t: Tensor, width: int, value: float, left: bool) -> Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    pad = t.new_full((t.shape[0], extra), value)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0, so that training-mode log-probs equal sampling ones."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier after s optimizer steps: min(1, (s + 1) / warmup_steps), or 1
+    without warm-up (for `torch.optim.lr_scheduler.LambdaLR`).
+
+    Example: linear_warmup(4) gives 0.25, 0.5, 0.75, 1.0, 1.0, ... for s = 0, 1, 2, ...
+    """
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0

@@ -1,0 +1,192 @@
+"""The RL trainer end to end on a tiny in-process Qwen2: metrics, determinism, resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from agpo_lab.config import load_config
+from agpo_lab.runs import find_latest_checkpoint, load_checkpoint, load_metrics
+from agpo_lab.tasks.base import Problem
+from agpo_lab.trainer import Trainer
+
+REQUIRED_KEYS = [
+    "reward/mean", "reward/std", "reward/accuracy", "zero_var/frac", "zero_var/all_correct",
+    "zero_var/all_wrong", "zero_var/other", "length/mean", "length/mean_correct",
+    "length/mean_wrong", "length/clipped_frac", "advantage/mean", "advantage/std",
+    "advantage/abs_mean", "loss/policy", "loss/kl", "loss/total", "clip/frac_low",
+    "clip/frac_high", "policy/entropy", "policy/ratio_first_epoch_max_dev", "optim/grad_norm",
+    "optim/lr", "perf/tokens_per_s", "perf/step_seconds",
+]  # fmt: skip
+
+
+class ParityTask:
+    """Stand-in task a random model half-solves: correct when the completion has even length.
+
+    Problems whose number is a multiple of 3 are 'always solved' (score 1 whatever the text), which gives
+    homogeneous groups for the zero-variance tests.
+    """
+
+    name = "parity"
+
+    def __init__(self, n: int = 40) -> None:
+        self._problems = [Problem(id=f"p{i}", question=str(i), answer="0") for i in range(n)]
+
+    def problems(self, split: str) -> list[Problem]:
+        return self._problems[:20] if split == "train" else self._problems[20:]
+
+    def format_prompt(self, problem: Problem, tokenizer=None) -> str:
+        return f"q:{problem.question}\n"
+
+    def score(self, completion: str, problem: Problem) -> float:
+        return 1.0 if int(problem.question) % 3 == 0 or len(completion) % 2 == 0 else 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A ~50k-parameter Qwen2 and the char tokenizer saved as a `from_pretrained` folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from agpo_lab.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_model")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_config(model_dir, out_dir, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}", f"run.out_dir={out_dir}", "run.name=run",
+            "run.steps=2", "run.prompts_per_step=4", "rollout.group_size=4",
+            "rollout.max_new_tokens=12", "optim.lr=3e-3", "run.device=cpu", "run.save_every=0",
+            "run.log_samples_every=1", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def comparable(rows):
+    """Metrics without the timing ones (perf/*), which legitimately differ between runs."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+def test_a_few_steps_log_every_metric(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "optim.mini_batch_size=8",
+                      "optim.grad_accumulation=2", "algorithm.mu=2", "run.eval_every=2",
+                      "eval.n_problems=4", "eval.k=2", "eval.max_new_tokens=8")  # fmt: skip
+    trainer = Trainer(cfg, task=ParityTask())
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    rows = trainer.train()
+
+    frame = load_metrics(tmp_path / "run")
+    assert list(frame["step"]) == [1, 2]
+    for key in REQUIRED_KEYS:
+        assert key in frame and frame[key].map(math.isfinite).all(), key
+    assert any(key.startswith("eval/") for key in rows[-1])
+    assert rows[0]["policy/ratio_first_epoch_max_dev"] < 1e-4  # old and new log-probs agree
+    assert rows[0]["optim/grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    assert (tmp_path / "run" / "config.yaml").exists() and (
+        tmp_path / "run" / "samples.jsonl"
+    ).exists()
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert find_latest_checkpoint(tmp_path / "run").name == "step_000002.safetensors"
+    with pytest.raises(ValueError, match="run.resume=true"):  # never overwrite a run silently
+        Trainer(cfg, task=ParityTask())
+
+
+@pytest.mark.slow
+def test_resume_and_interrupts_reproduce_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    extra = ("run.steps=4", "optim.mini_batch_size=8", "optim.grad_accumulation=2",
+             "algorithm.mu=2", "optim.warmup_steps=3", "run.save_every=1")  # fmt: skip
+    full = Trainer(make_config(tiny_model_dir, tmp_path / "a", *extra), task=ParityTask()).train()
+    assert len(full) == 4
+
+    # N/2 steps, then a resumed run to N
+    Trainer(
+        make_config(tiny_model_dir, tmp_path / "c", *extra, "run.steps=2"), task=ParityTask()
+    ).train()
+    resumed = Trainer(
+        make_config(tiny_model_dir, tmp_path / "c", *extra, "run.resume=true"), task=ParityTask()
+    )
+    assert resumed.step == 2
+    resumed.train()
+    assert comparable(load_metrics(tmp_path / "c" / "run").to_dict("records")) == comparable(
+        load_metrics(tmp_path / "a" / "run").to_dict("records")
+    )
+
+    # Ctrl-C in the middle of step 3's rollout: the step is undone, step 2 saved, resume is exact
+    trainer = Trainer(
+        make_config(tiny_model_dir, tmp_path / "d", *extra, "run.save_every=0"), task=ParityTask()
+    )
+    original = trainer._update
+
+    def interrupt_in_step_3(batch):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return original(batch)
+
+    trainer._update = interrupt_in_step_3
+    assert len(trainer.train()) == 2
+    assert find_latest_checkpoint(tmp_path / "d" / "run").name == "step_000002.safetensors"
+    Trainer(
+        make_config(tiny_model_dir, tmp_path / "d", *extra, "run.resume=true"), task=ParityTask()
+    ).train()
+    assert comparable(load_metrics(tmp_path / "d" / "run").to_dict("records")) == comparable(
+        load_metrics(tmp_path / "a" / "run").to_dict("records")
+    )
+
+
+def test_ctrl_c_saves_after_the_current_step(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "run.steps=5")
+    trainer = Trainer(cfg, task=ParityTask())
+    rows = trainer.train(callback=lambda step, m: os.kill(os.getpid(), signal.SIGINT))
+    assert len(rows) == 1 and trainer.step == 1
+    assert find_latest_checkpoint(tmp_path / "run").name == "step_000001.safetensors"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    def raise_interrupt(step, metrics):
+        raise KeyboardInterrupt
+
+    resumed = Trainer(
+        make_config(tiny_model_dir, tmp_path, "run.steps=5", "run.resume=true"), task=ParityTask()
+    )
+    assert len(resumed.train(callback=raise_interrupt)) == 1
+    assert find_latest_checkpoint(tmp_path / "run").name == "step_000002.safetensors"
+    assert list(load_metrics(tmp_path / "run")["step"]) == [1, 2]
+
+
+def test_drop_with_dynamic_resampling(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "algorithm.zero_variance=drop",
+                      "algorithm.max_resample_rounds=3", "run.prompts_per_step=8", "run.steps=1")  # fmt: skip
+    row = Trainer(cfg, task=ParityTask()).train()[0]
+    assert row["zero_var/all_correct"] > 0  # the "always solved" prompts were drawn
+    assert row["dynamic/resample_rounds"] >= 1
+    assert row["dynamic/active_frac"] > 1 - row["zero_var/reward_frac"]  # replacements were found
+    assert math.isfinite(row["loss/policy"])
+
+
+def test_lora_with_kl_reference(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "model.lora=true", "model.lora_r=4",
+                      "algorithm.beta=0.1", "optim.lr=5e-2")  # fmt: skip
+    trainer = Trainer(cfg, task=ParityTask())
+    assert trainer.reference is not None
+    rows = trainer.train()
+    assert rows[0]["loss/kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at the start
+    assert rows[1]["loss/kl_mean"] > 0  # after one update they differ
+    weights, _ = load_checkpoint(find_latest_checkpoint(tmp_path / "run"))
+    assert weights and all("lora" in name for name in weights)  # only the adapters are saved
