@@ -10,6 +10,9 @@ never emits EOS:
   (with --model, the model's own EOS behaviour is used instead): the realistic case, where our
   loop drops finished rows from the batch and `model.generate` keeps decoding them as padding.
 
+Ours runs twice: eager, and with `RolloutConfig(compile_decode=True)`, whose one-off compile time
+shows in the "warm-up s" column (the untimed first run) and not in tokens/s.
+
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own: peak RSS
 (`resource.getrusage(...).ru_maxrss`, which includes the ~0.5 GB of torch + transformers imports,
 so the "after load" RSS is printed too) on CPU, `torch.cuda.max_memory_allocated` on CUDA.
@@ -30,6 +33,7 @@ import time
 
 import torch
 
+IMPLS = {"ours": "agpo_lab", "ours_compiled": "agpo_lab+compile", "hf": "model.generate"}
 PROMPTS = ["12+34=", "7*8=", "(5+6)*2=", "99-45=", "3+4*5=", "81/9=", "1+1=", "250-17="]
 
 
@@ -99,12 +103,16 @@ def worker(args: argparse.Namespace) -> dict:
     elif not args.model:
         set_eos_bias(model, eos, early_stop_bias(len(tok), args.max_new_tokens / 3))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    cfg = RolloutConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    cfg = RolloutConfig(
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        compile_decode=args.impl == "ours_compiled",
+    )
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     rss_after_load_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def run_once(seed: int) -> int:
-        if args.impl == "ours":
+        if args.impl != "hf":
             rollout = generate(
                 model, tok, prompts, cfg, generator=torch.Generator(device).manual_seed(seed)
             )
@@ -123,7 +131,9 @@ def worker(args: argparse.Namespace) -> dict:
         )
         return generated_tokens(out[:, enc["input_ids"].shape[1] :], eos)
 
-    run_once(0)  # warm-up
+    start = time.perf_counter()
+    run_once(0)  # warm-up (and the compile, for ours_compiled)
+    warmup_s = time.perf_counter() - start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     best = {"tokens_per_s": 0.0, "tokens_per_cpu_s": 0.0}
@@ -138,6 +148,7 @@ def worker(args: argparse.Namespace) -> dict:
         best["tokens"] = tokens
         best["tokens_per_s"] = max(best["tokens_per_s"], tokens / wall)
         best["tokens_per_cpu_s"] = max(best["tokens_per_cpu_s"], tokens / cpu)
+    best["warmup_s"] = warmup_s
     best["rss_after_load_mb"] = rss_after_load_mb
     best["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=["forced", "early"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads > 0:
@@ -183,23 +194,24 @@ def main(argv: list[str] | None = None) -> None:
         f"model: {model_name}; batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
         f"T={args.temperature}, best of {args.repeats}, torch threads {torch.get_num_threads()}"
     )
-    header = f"{'case':<8}{'impl':<16}{'tokens':>8}{'tok/s':>10}{'tok/CPU-s':>11}"
-    header += f"{'RSS load MB':>13}{'peak RSS MB':>13}"
+    header = f"{'case':<8}{'impl':<18}{'tokens':>8}{'tok/s':>10}{'tok/CPU-s':>11}"
+    header += f"{'warm-up s':>10}{'RSS load MB':>13}{'peak RSS MB':>13}"
     print(header + ("  peak CUDA MB" if torch.cuda.is_available() else ""))
     for case in ("forced", "early"):
-        results = {impl: measure(args, impl, case) for impl in ("ours", "hf")}
-        for impl, name in (("ours", "agpo_lab"), ("hf", "model.generate")):
-            r = results[impl]
-            line = f"{case:<8}{name:<16}{r['tokens']:>8}{r['tokens_per_s']:>10.0f}"
-            line += f"{r['tokens_per_cpu_s']:>11.0f}"
+        results = {impl: measure(args, impl, case) for impl in IMPLS}
+        for impl, r in results.items():
+            line = f"{case:<8}{IMPLS[impl]:<18}{r['tokens']:>8}{r['tokens_per_s']:>10.0f}"
+            line += f"{r['tokens_per_cpu_s']:>11.0f}{r['warmup_s']:>10.1f}"
             line += f"{r['rss_after_load_mb']:>13.0f}{r['peak_rss_mb']:>13.0f}"
             print(line + (f"{r['peak_cuda_mb']:>14.1f}" if "peak_cuda_mb" in r else ""))
-        ratio = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
-        cpu_ratio = results["ours"]["tokens_per_cpu_s"] / results["hf"]["tokens_per_cpu_s"]
-        print(
-            f"{case:<8}ratio ours/generate tokens/s: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time"
-            " (target >= 2x)"
-        )
+        hf = results["hf"]
+        for impl in ("ours", "ours_compiled"):
+            ratio = results[impl]["tokens_per_s"] / hf["tokens_per_s"]
+            cpu_ratio = results[impl]["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
+            print(
+                f"{case:<8}ratio {IMPLS[impl]}/generate tokens/s: {ratio:.2f}x wall, "
+                f"{cpu_ratio:.2f}x CPU time (target >= 2x)"
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of agpo_lab.rollout: sampling, log-probs, left padding, greedy parity, determinism."""
+"""Tests of agpo_lab.rollout: rollouts, log-probs, left padding, greedy parity, determinism, compile."""
 
 from __future__ import annotations
 
@@ -12,14 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from agpo_lab.models.tokenizer import build_char_tokenizer
-from agpo_lab.rollout import (
-    RolloutConfig,
-    completion_logprobs,
-    filter_top_k,
-    filter_top_p,
-    generate,
-    positions_from_mask,
-)
+from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
+from agpo_lab.sampling import positions_from_mask
 
 PROMPTS = ["1+2=", "what is 13*7?", "a", "(3+4)*5=", "9", "12-5="]
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
@@ -60,27 +54,6 @@ def tiny_model(tok, arch: str = "qwen2", eos_bias: float | None = None) -> torch
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def early_model(request, tok):
     return tiny_model(tok, request.param, eos_bias=2.5)
-
-
-def test_filter_top_k_worked_example():
-    out = filter_top_k(torch.tensor([[1.0, 3.0, 2.0]]), 2)
-    assert out.tolist() == [[float("-inf"), 3.0, 2.0]]
-    assert torch.equal(filter_top_k(torch.tensor([[1.0, 2.0]]), 0), torch.tensor([[1.0, 2.0]]))
-
-
-def test_filter_top_p_worked_example():
-    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    kept = filter_top_p(logits, 0.7).isfinite()
-    assert kept.tolist() == [[True, True, False]]
-    # The most likely token always survives, even for a tiny p; order in the row does not matter.
-    assert filter_top_p(torch.tensor([[0.1, 0.9]]).log(), 0.01).isfinite().tolist() == [
-        [False, True]
-    ]
-
-
-def test_positions_from_mask_start_at_first_real_token():
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert positions_from_mask(mask).tolist() == [[0, 0, 1], [0, 1, 2]]
 
 
 def test_rollout_fields_are_consistent(tok, early_model):
@@ -192,6 +165,29 @@ def test_top_k_samples_only_among_top_k_tokens(tok):
     assert (top3 == r.completion_ids[..., None]).any(-1)[r.completion_mask == 1].all()
 
 
+@pytest.mark.slow
+def test_compiled_decode_matches_eager_and_completion_logprobs(tok):
+    """compile_decode changes kernels, not results: same tokens, log-probs within 1e-5, stops."""
+    model = tiny_model(tok, eos_bias=2.5)
+
+    def run(compile_decode, **kw):
+        cfg = RolloutConfig(max_new_tokens=16, compile_decode=compile_decode, **kw)
+        return generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(5))
+
+    eager, compiled, again = run(False), run(True), run(True)
+    assert len(set(compiled.lengths.tolist())) > 1, "need rows that leave the batch early"
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert torch.equal(compiled.completion_ids, again.completion_ids)
+    assert torch.equal(compiled.logprobs, again.logprobs)
+    recomputed = completion_logprobs(
+        model, compiled.prompt_ids, compiled.prompt_mask, compiled.completion_ids,
+        compiled.completion_mask,
+    )  # fmt: skip
+    torch.testing.assert_close(recomputed, compiled.logprobs, atol=1e-5, rtol=0)
+    greedy = run(True, temperature=0.0)
+    assert torch.equal(greedy.completion_ids, run(False, temperature=0.0).completion_ids)
+
+
 def test_finished_rows_leave_the_batch(tok):
     model = tiny_model(tok, eos_bias=2.5)
     batch_sizes = []
@@ -277,4 +273,5 @@ def test_bench_script_runs_end_to_end():
     cmd = [sys.executable, str(BENCH), "--batch", "2", "--max-new-tokens", "4", "--repeats", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("ratio ours/generate") == 2
+    assert done.stdout.count("ratio agpo_lab/generate") == 2
+    assert done.stdout.count("ratio agpo_lab+compile/generate") == 2

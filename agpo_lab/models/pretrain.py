@@ -1,0 +1,369 @@
+"""SFT that makes the embedded checkpoint: a tiny Qwen2 trained on arithmetic traces.
+
+    python -m agpo_lab.models.pretrain --output-dir data/embedded      (same as `agpo-lab pretrain`)
+
+Each step draws a fresh batch of train-split questions over all difficulty levels, writes a trace
+for each with a random number of redundant segments (0..max_verbosity, so verbosity is a choice the
+model learns to sample, not something the prompt asks for) and an occasional wrong step, and
+minimises the cross-entropy of the completion tokens (prompt tokens are masked). Afterwards the
+checkpoint is measured on the eval split at temperature 1.0 with G samples per prompt, and the
+folder gets the weights, the tokenizer, a card (README.md) and its statistics (card.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from agpo_lab.models import EMBEDDED_MODEL_DIR
+from agpo_lab.models.tokenizer import build_char_tokenizer
+from agpo_lab.tasks.arithmetic import (
+    LEVELS,
+    ArithmeticTask,
+    sample_problem,
+    shortest_correct_trace,
+    write_trace,
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the embedded checkpoint (same config + seed = same weights)."""
+
+    output_dir: str = str(EMBEDDED_MODEL_DIR)
+    """Folder to write model, tokenizer and card into (created if missing, files overwritten)."""
+    seed: int = 0
+    """Seeds the weights init, the SFT data stream and the sampling of the measurement."""
+    steps: int = 700
+    """Optimizer steps (each on a fresh batch of traces)."""
+    batch_size: int = 64
+    """Traces per optimizer step."""
+    learning_rate: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10% of it)."""
+    warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    hidden_size: int = 128
+    """Transformer width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (multi-head, no grouped KV)."""
+    intermediate_size: int = 512
+    """MLP width."""
+    level_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    """Sampling weight of each difficulty level 1..5 in the SFT data."""
+    max_verbosity: int = 3
+    """Each trace gets uniformly 0..max_verbosity redundant segments (re-checks, restatements)."""
+    error_rate: float = 0.03
+    """Probability that a step of an SFT trace is a slip (the answer is then wrong too)."""
+    eval_problems: int = 200
+    """Eval-split problems measured after training (spread evenly over the levels); 0 skips it."""
+    group_size: int = 8
+    """Samples per eval prompt (G) for pass@1 and the group-kind fractions."""
+    max_new_tokens: int = 96
+    """Generation limit of the measurement (completions without EOS count as wrong)."""
+    eval_batch_size: int = 128
+    """Sequences generated at once during the measurement."""
+    num_threads: int = 2
+    """torch CPU threads (fixed, since thread count can change float reduction order)."""
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError on an unusable setting."""
+        if len(self.level_weights) != len(LEVELS) or min(self.level_weights) < 0:
+            raise ValueError(f"level_weights needs {len(LEVELS)} non-negative numbers")
+        if sum(self.level_weights) <= 0:
+            raise ValueError("level_weights must not all be zero")
+        positive = ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "group_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if not 0.0 <= self.error_rate < 1.0:
+            raise ValueError(f"error_rate must be in [0, 1), got {self.error_rate}")
+
+
+def build_model(config: PretrainConfig, tokenizer: Any) -> Qwen2ForCausalLM:
+    """A fresh tiny Qwen2 (tied embeddings) sized by `config`, initialised from `config.seed`."""
+    model_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(config.seed)
+    return Qwen2ForCausalLM(model_config)
+
+
+def sft_batch(
+    tokenizer: Any, config: PretrainConfig, rng: random.Random
+) -> dict[str, torch.Tensor]:
+    """One left-padded batch of ``prompt + trace + <eos>`` with labels only on the completion."""
+    levels = sorted(LEVELS)
+    rows = []
+    for _ in range(config.batch_size):
+        level = rng.choices(levels, weights=config.level_weights)[0]
+        question, _ = sample_problem(level, rng, "train")
+        trace = write_trace(question, rng.randint(0, config.max_verbosity), rng, config.error_rate)
+        prompt_ids = tokenizer(f"q:{question}\n")["input_ids"]
+        completion_ids = tokenizer(trace)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt_ids, completion_ids))
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt_ids, completion_ids) in enumerate(rows):
+        ids = prompt_ids + completion_ids
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        labels[i, width - len(completion_ids) :] = torch.tensor(completion_ids)
+        attention_mask[i, width - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def learning_rate_at(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine to 10%: lr(0) = peak / warmup, lr(end) = peak / 10."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def measure(
+    model: Any,
+    tokenizer: Any,
+    task: ArithmeticTask,
+    group_size: int = 8,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """pass@1, group kinds and lengths on the task's eval split, sampling at temperature 1.0.
+
+    Group kinds: a prompt's G samples are all correct, all wrong, or mixed. `length_ratio` is the
+    mean completion length (tokens = characters, EOS excluded) over the mean length of the
+    shortest correct traces of the same problems. `correct_per_question` maps each question to
+    its number of correct samples out of G (lets a later check re-measure any subset).
+    """
+    model.eval()
+    torch.manual_seed(seed)
+    problems = task.problems("eval")
+    per_batch = max(1, batch_size // group_size)
+    rows = []  # (level, n_correct, lengths, n_truncated, question)
+    for start in range(0, len(problems), per_batch):
+        chunk = problems[start : start + per_batch]
+        prompts = [task.format_prompt(p) for p in chunk for _ in range(group_size)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        generated = out[:, enc["input_ids"].shape[1] :]
+        for j, problem in enumerate(chunk):
+            correct, lengths, truncated = 0, [], 0
+            for ids in generated[j * group_size : (j + 1) * group_size].tolist():
+                ended = tokenizer.eos_token_id in ids
+                ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                correct += int(ended and task.score(text, problem) == 1.0)
+                lengths.append(len(ids))
+                truncated += int(not ended)
+            rows.append((problem.difficulty, correct, lengths, truncated, problem.question))
+    return _summarise(rows, problems, group_size)
+
+
+def _summarise(rows: list, problems: list, group_size: int) -> dict[str, Any]:
+    """Aggregate per-prompt rows into the card's statistics (overall and per level)."""
+
+    def stats(selected: list) -> dict[str, float]:
+        n = len(selected)
+        lengths = [length for row in selected for length in row[2]]
+        return {
+            "prompts": n,
+            "pass_at_1": sum(r[1] for r in selected) / (n * group_size),
+            "frac_all_correct": sum(r[1] == group_size for r in selected) / n,
+            "frac_all_wrong": sum(r[1] == 0 for r in selected) / n,
+            "frac_mixed": sum(0 < r[1] < group_size for r in selected) / n,
+            "mean_completion_tokens": sum(lengths) / len(lengths),
+            "truncated_rate": sum(r[3] for r in selected) / (n * group_size),
+        }
+
+    overall = stats(rows)
+    shortest = sum(len(shortest_correct_trace(p.question)) for p in problems) / len(problems)
+    overall["mean_shortest_correct_tokens"] = shortest
+    overall["length_ratio"] = overall["mean_completion_tokens"] / shortest
+    overall["group_size"] = group_size
+    levels = sorted({r[0] for r in rows})
+    overall["per_level"] = {str(lv): stats([r for r in rows if r[0] == lv]) for lv in levels}
+    overall["correct_per_question"] = {r[4]: r[1] for r in rows}
+    return overall
+
+
+def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
+    """Train, measure and save the checkpoint described by `config`; returns the output folder."""
+    config.validate()
+    torch.set_num_threads(config.num_threads)
+    tokenizer = build_char_tokenizer()
+    model = build_model(config, tokenizer)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+    )
+    rng = random.Random(config.seed)
+    started = time.perf_counter()
+    model.train()
+    losses = []
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config)
+        loss = model(**sft_batch(tokenizer, config, rng)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == config.steps - 1:
+            elapsed = time.perf_counter() - started
+            print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed:6.1f}s", flush=True)
+    train_seconds = time.perf_counter() - started
+
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    card: dict[str, Any] = {
+        "command": command or "python -m agpo_lab.models.pretrain (called from Python)",
+        "config": dataclasses.asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "train_seconds": round(train_seconds, 1),
+        "torch_version": torch.__version__,
+    }
+    if config.eval_problems > 0:
+        started = time.perf_counter()
+        task = ArithmeticTask(seed=0, n_eval=config.eval_problems)
+        card["eval"] = measure(
+            model,
+            tokenizer,
+            task,
+            config.group_size,
+            config.max_new_tokens,
+            config.seed,
+            config.eval_batch_size,
+        )
+        card["eval_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(render_card(card))
+    return out
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The model card (markdown) from the statistics written to card.json."""
+    lines = [
+        "# agpo_lab embedded model",
+        "",
+        f"A {card['parameters'] / 1e6:.2f}M-parameter Qwen2 causal LM with a character tokenizer,",
+        "trained by `agpo_lab.models.pretrain` (SFT) on the embedded arithmetic task",
+        "(`agpo_lab.tasks.arithmetic`): traces with 0-3 redundant segments and occasional wrong steps.",
+        "Prompt `q:<question>\\n`; a completion ends with `ans:<int>` then EOS.",
+        "",
+        "Made by (deterministic: the same command gives bit-identical weights on CPU):",
+        "",
+        f"    {card['command']}",
+        "",
+        f"Training: {card['train_seconds']} s wall, final loss {card['final_train_loss']:.4f}.",
+    ]
+    if "eval" in card:
+        ev = card["eval"]
+        lines += [
+            "",
+            f"## Measured on the eval split (temperature 1.0, G={ev['group_size']})",
+            "",
+            f"- pass@1: {ev['pass_at_1']:.3f} over {ev['prompts']} prompts",
+            f"- groups all correct / all wrong / mixed: {ev['frac_all_correct']:.3f} / "
+            f"{ev['frac_all_wrong']:.3f} / {ev['frac_mixed']:.3f}",
+            f"- mean completion length: {ev['mean_completion_tokens']:.1f} tokens; shortest correct"
+            f" trace: {ev['mean_shortest_correct_tokens']:.1f}; ratio {ev['length_ratio']:.2f}",
+            f"- truncated (no EOS within the limit): {ev['truncated_rate']:.3f}",
+            "",
+            "| level | pass@1 | all correct | all wrong | mixed | mean tokens |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for level, s in ev["per_level"].items():
+            lines.append(
+                f"| {level} | {s['pass_at_1']:.3f} | {s['frac_all_correct']:.3f} | "
+                f"{s['frac_all_wrong']:.3f} | {s['frac_mixed']:.3f} | "
+                f"{s['mean_completion_tokens']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> PretrainConfig:
+    """Command-line flags, one per `PretrainConfig` field (``--level-weights 1,1,1,1,1``)."""
+    parser = argparse.ArgumentParser(prog="agpo-lab pretrain", description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(PretrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = str if field.name == "level_weights" else type(field.default)
+        parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if "level_weights" in values:
+        try:
+            values["level_weights"] = tuple(float(x) for x in values["level_weights"].split(","))
+        except ValueError:
+            parser.error("--level-weights takes comma-separated numbers, e.g. 1,1,1,1,1")
+    return PretrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``agpo-lab pretrain`` and ``python -m agpo_lab.models.pretrain``."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse_args(argv)
+    command = " ".join(["python -m agpo_lab.models.pretrain", *map(shlex.quote, argv)]).strip()
+    out = pretrain(config, command=command)
+    print(f"wrote {out}")
+    print((out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

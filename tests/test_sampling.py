@@ -1,0 +1,67 @@
+"""Tests of agpo_lab.sampling: top-k / top-p filters, token sampling, positions, left padding."""
+
+from __future__ import annotations
+
+import torch
+
+from agpo_lab.sampling import (
+    filter_top_k,
+    filter_top_p,
+    left_pad,
+    positions_from_mask,
+    sample_next_token,
+)
+
+
+def test_filter_top_k_worked_example():
+    out = filter_top_k(torch.tensor([[1.0, 3.0, 2.0]]), 2)
+    assert out.tolist() == [[float("-inf"), 3.0, 2.0]]
+    assert torch.equal(filter_top_k(torch.tensor([[1.0, 2.0]]), 0), torch.tensor([[1.0, 2.0]]))
+
+
+def test_filter_top_p_worked_example():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    kept = filter_top_p(logits, 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False]]
+    # The most likely token always survives, even for a tiny p; order in the row does not matter.
+    assert filter_top_p(torch.tensor([[0.1, 0.9]]).log(), 0.01).isfinite().tolist() == [
+        [False, True]
+    ]
+
+
+def test_positions_from_mask_start_at_first_real_token():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_left_pad_worked_example():
+    ids, mask = left_pad([[5], [6, 7]], pad_id=0)
+    assert ids.tolist() == [[0, 5], [6, 7]] and mask.tolist() == [[0, 1], [1, 1]]
+
+
+def test_greedy_is_argmax_with_unscaled_logprobs():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    tokens, logprobs = sample_next_token(logits, temperature=0.0)
+    assert tokens.tolist() == [1, 0]
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1)[[0, 1], [1, 0]])
+
+
+def test_sampled_logprobs_are_of_the_scaled_full_distribution():
+    logits = torch.randn(256, 7, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p in [(0, 1.0), (2, 1.0), (0, 0.5)]:
+        gen = torch.Generator().manual_seed(1)
+        tokens, logprobs = sample_next_token(logits, 0.5, top_k, top_p, generator=gen)
+        expected = (logits / 0.5).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs, expected)
+        allowed = filter_top_p(filter_top_k(logits / 0.5, top_k), top_p).isfinite()
+        assert allowed.gather(-1, tokens[:, None]).all(), "drew a token the filters removed"
+    # Unfiltered sampling really samples: 256 rows of 7 tokens are not all the argmax.
+    tokens, _ = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(2))
+    assert (tokens != logits.argmax(-1)).any()
+
+
+def test_same_generator_seed_same_tokens():
+    logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(0))
+    a, _ = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b, _ = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
