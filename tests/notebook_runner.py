@@ -8,6 +8,7 @@ nbclient in its own folder, and writes every ``image/png`` output to ``<figure_d
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 import nbformat
@@ -53,5 +54,15 @@ def run_notebook(
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute()
+    # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
+    # draws nothing. The inline backend is what JupyterLab uses and what puts PNGs in outputs.
+    saved = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        client.execute()
+    finally:
+        if saved is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = saved
     return notebook, save_figures(notebook, figure_dir / path.stem)

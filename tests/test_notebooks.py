@@ -18,16 +18,36 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 FIGURE_DIR = NOTEBOOK_DIR / "_figures"
 SMALL_SETTINGS = {"SMALL": True}
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+_EXECUTED: dict[str, tuple] = {}
+
+
+def executed_notebook(path):
+    """Run a notebook once per test session (several tests read the same execution)."""
+    if path.stem not in _EXECUTED:
+        _EXECUTED[path.stem] = run_notebook(path, SMALL_SETTINGS, FIGURE_DIR)
+    return _EXECUTED[path.stem]
 
 
 @pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_headless(path):
-    executed, figures = run_notebook(path, SMALL_SETTINGS, FIGURE_DIR)
+    executed, figures = executed_notebook(path)
     errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     assert figures, f"{path.name} produced no figure"
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_from_scratch_notebook_agrees_with_the_library():
+    executed, _ = executed_notebook(NOTEBOOK_DIR / "04_from_scratch.ipynb")
+    cell = next(c for c in executed.cells if "agreement" in c.metadata.get("tags", []))
+    text = "".join(o.text for o in cell.outputs if o.output_type == "stream")
+    agreement = json.loads(text.strip().splitlines()[-1])["agreement"]
+    expected = {"grpo_advantage", "agpo_advantage", "agpo_length_reward"}
+    assert expected | {f"loss/{a}" for a in ("seq_mean_token_mean", "token_mean")} <= set(agreement)
+    assert all(diff < 1e-6 for diff in agreement.values()), agreement
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

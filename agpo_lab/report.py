@@ -1,0 +1,127 @@
+"""Tables and figures of a reproduce run: one row per method, intervals over seeds.
+
+Reads what the runs wrote (result.json per run, metrics.jsonl, eval_records.csv) so that a report
+can be rebuilt from a results folder alone: ``write_report(root, load_results(root))``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from agpo_lab import plots
+from agpo_lab.analysis import load_eval_records
+from agpo_lab.runs import load_metrics
+from agpo_lab.stats import mean_ci95, ratio_ci95
+
+ACCURACY = "eval/pass@1_sampled"
+"""The headline accuracy: held-out pass@1 of sampled completions (temperature of the eval config)."""
+FINAL_WINDOW = 0.2
+"""Final zero-variance fraction = mean over the last 20% of training steps."""
+
+
+def load_results(root: Path) -> pd.DataFrame:
+    """All result.json files under root/runs as a frame (one row per method and seed)."""
+    paths = sorted(Path(root).glob("runs/*/seed*/result.json"))
+    if not paths:
+        raise FileNotFoundError(f"no runs/*/seed*/result.json under {root}; run reproduce first")
+    return pd.DataFrame([json.loads(p.read_text()) for p in paths])
+
+
+def load_training_metrics(root: Path, methods: list[str]) -> pd.DataFrame:
+    """Per-step training metrics of every run, with method and seed columns."""
+    frames = []
+    for run_dir in sorted(Path(root).glob("runs/*/seed*")):
+        method, seed = run_dir.parent.name, int(run_dir.name.removeprefix("seed"))
+        if method in methods and (run_dir / "metrics.jsonl").exists():
+            frame = load_metrics(run_dir)
+            frames.append(frame[frame["step"] > 0].assign(method=method, seed=seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _fmt(mean: float, half: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def summarize(
+    results: pd.DataFrame, training: pd.DataFrame, baseline: str, reference: str
+) -> pd.DataFrame:
+    """One row per method: means and 95% intervals over seeds, token ratio against `baseline`."""
+    rows = []
+    base_tokens = results.loc[results["method"] == baseline, "eval/mean_tokens"].tolist()
+    for method, runs in results.groupby("method", sort=False):
+        row = {"method": method, "seeds": len(runs)}
+        for key, column in (
+            ("accuracy", ACCURACY),
+            ("accuracy_greedy", "eval/pass@1_greedy"),
+            ("tokens", "eval/mean_tokens"),
+            ("tokens_correct", "eval/mean_tokens_correct"),
+        ):
+            row[f"{key}_mean"], row[f"{key}_ci"] = mean_ci95(runs[column].tolist())
+        row["token_ratio_vs_" + baseline], row["token_ratio_ci"] = (
+            ratio_ci95(base_tokens, runs["eval/mean_tokens"].tolist())
+            if base_tokens
+            else (math.nan, math.nan)
+        )
+        row["final_zero_var_frac"] = _final_zero_var(training, method)
+        row["wall_seconds"] = float(runs["wall_seconds"].mean())
+        rows.append(row)
+    order = [reference, baseline]
+    summary = pd.DataFrame(rows)
+    summary["_order"] = summary["method"].map(lambda m: order.index(m) if m in order else 2)
+    return summary.sort_values("_order", kind="stable").drop(columns="_order")
+
+
+def _final_zero_var(training: pd.DataFrame, method: str) -> float:
+    if training.empty or method not in set(training["method"]):
+        return math.nan
+    frame = training[training["method"] == method]
+    last = frame["step"] > frame["step"].max() * (1 - FINAL_WINDOW)
+    return float(frame.loc[last, "zero_var/frac"].mean())
+
+
+def to_markdown(summary: pd.DataFrame, baseline: str) -> str:
+    """The summary as a Markdown table (intervals are 95% t-intervals over seeds)."""
+    ratio = "token_ratio_vs_" + baseline
+    lines = [
+        f"| method | seeds | pass@1 (sampled) | pass@1 (greedy) | mean tokens | tokens (correct) "
+        f"| {baseline} tokens / method tokens | final zero-var frac | wall s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in summary.iterrows():
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {_fmt(r['accuracy_mean'], r['accuracy_ci'], 3)} "
+            f"| {_fmt(r['accuracy_greedy_mean'], r['accuracy_greedy_ci'], 3)} "
+            f"| {_fmt(r['tokens_mean'], r['tokens_ci'], 1)} "
+            f"| {_fmt(r['tokens_correct_mean'], r['tokens_correct_ci'], 1)} "
+            f"| {_fmt(r[ratio], r['token_ratio_ci'], 2)} "
+            f"| {_fmt(r['final_zero_var_frac'], math.nan, 2)} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: Path, results: pd.DataFrame, baseline: str, reference: str) -> pd.DataFrame:
+    """Write summary.csv, summary.md and the PNG figures into `root`; return the summary."""
+    root = Path(root)
+    methods = [m for m in results["method"].unique() if m != reference]
+    training = load_training_metrics(root, methods)
+    summary = summarize(results, training, baseline, reference)
+    summary.to_csv(root / "summary.csv", index=False)
+    (root / "summary.md").write_text(to_markdown(summary, baseline))
+    figures = {
+        "accuracy_vs_tokens.png": plots.plot_accuracy_vs_tokens(summary),
+        "length_distributions.png": plots.plot_length_distributions(load_eval_records(root)),
+    }
+    if not training.empty:
+        figures["training_curves.png"] = plots.plot_training_curves(training)
+        figures["zero_variance.png"] = plots.plot_zero_variance(training)
+    for name, fig in figures.items():
+        fig.savefig(root / name, dpi=120)
+        plt.close(fig)
+    return summary

@@ -1,0 +1,79 @@
+"""The main job: planning, statistics of the summary, and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from agpo_lab import reproduce
+from agpo_lab.report import summarize, to_markdown
+from agpo_lab.stats import t_critical_95
+
+
+def test_plan_has_reference_and_every_method_seed_pair(tmp_path):
+    cfg = reproduce.ReproduceConfig(out_dir=str(tmp_path), seeds=(0, 1, 2))
+    jobs = reproduce.plan_jobs(cfg)
+    assert len(jobs) == (1 + len(reproduce.METHODS)) * 3
+    agpo = next(j for j in jobs if j.method == "agpo" and j.seed == 1)
+    assert "algorithm.estimator=agpo" in agpo.overrides
+    assert "algorithm.length_reward=agpo" in agpo.overrides
+    assert agpo.run_dir == tmp_path / "embedded" / "runs" / "agpo" / "seed1"
+    quick = reproduce.plan_jobs(reproduce.ReproduceConfig(quick=True, seeds=(4, 5)))
+    assert {j.seed for j in quick} == {4}
+    assert all("run.steps=3" in j.overrides for j in quick if j.method != reproduce.REFERENCE)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        reproduce.ReproduceConfig(methods=("ppo",)).validate()
+    with pytest.raises(FileNotFoundError, match="base config"):
+        reproduce.ReproduceConfig(base_config=str(tmp_path / "nope.yaml")).validate()
+
+
+def test_summary_statistics_by_hand():
+    rows = []
+    for method, accuracy, tokens in (("grpo", [0.5, 0.6, 0.7], [60, 62, 64]),
+                                     ("agpo", [0.6, 0.6, 0.6], [40, 42, 44])):  # fmt: skip
+        for seed, (a, t) in enumerate(zip(accuracy, tokens, strict=True)):
+            rows.append({"method": method, "seed": seed, "eval/pass@1_sampled": a,
+                         "eval/pass@1_greedy": a, "eval/mean_tokens": t,
+                         "eval/mean_tokens_correct": t - 1, "wall_seconds": 10.0})  # fmt: skip
+    training = pd.DataFrame({"method": ["agpo"] * 10, "seed": [0] * 10, "step": range(1, 11),
+                             "zero_var/frac": [0.0] * 8 + [0.5, 0.7]})  # fmt: skip
+    summary = summarize(pd.DataFrame(rows), training, baseline="grpo", reference="start")
+    grpo, agpo = (summary.set_index("method").loc[m] for m in ("grpo", "agpo"))
+    assert grpo["accuracy_mean"] == pytest.approx(0.6)
+    assert grpo["accuracy_ci"] == pytest.approx(t_critical_95(2) * 0.1 / math.sqrt(3))
+    assert agpo["accuracy_ci"] == pytest.approx(0.0)
+    assert agpo["token_ratio_vs_grpo"] == pytest.approx(62 / 42)
+    assert grpo["token_ratio_vs_grpo"] == pytest.approx(1.0)
+    assert agpo["final_zero_var_frac"] == pytest.approx(0.6)  # mean of the last 20% of steps
+    assert math.isnan(grpo["final_zero_var_frac"])  # no training metrics given for grpo
+    table = to_markdown(summary, "grpo")
+    assert "| agpo | 3 | 0.600 ± 0.000 |" in table and "1.48 ±" in table
+
+
+@pytest.mark.slow
+def test_quick_reproduce_end_to_end_and_skip_on_rerun(tmp_path):
+    argv = ["--quick", "--out", str(tmp_path), "--no-docs", "--methods", "grpo", "agpo"]
+    assert reproduce.main(argv) == 0
+    root = tmp_path / "embedded-quick"
+    summary = pd.read_csv(root / "summary.csv")
+    assert list(summary["method"]) == ["start", "grpo", "agpo"]
+    assert summary["accuracy_mean"].between(0, 1).all()
+    assert (summary["tokens_mean"] > 0).all()
+    for figure in (
+        "accuracy_vs_tokens",
+        "training_curves",
+        "zero_variance",
+        "length_distributions",
+    ):
+        assert (root / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = pd.read_json(root / "runs" / "agpo" / "seed0" / "metrics.jsonl", lines=True)
+    assert len(metrics[metrics["step"] > 0]) == 3
+    results = sorted(root.glob("runs/*/seed0/result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    assert reproduce.main(argv) == 0  # everything complete: nothing is trained again
+    assert [p.stat().st_mtime_ns for p in results] == stamps
