@@ -43,26 +43,20 @@ def build_model(model_path: str | None, device: str):
         from agpo_lab.models.loading import ModelConfig, load_policy
 
         return load_policy(ModelConfig(name_or_path=model_path, dtype="float32"), device)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tok),
+    model = build_tiny_causal_lm(
+        tok,
         hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
         intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
     )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).to(device).eval(), tok
+    return model.to(device).eval(), tok
 
 
 def set_eos_bias(model, eos_id: int, bias: float) -> None:

@@ -82,27 +82,19 @@ def prepare_model_dir(args: argparse.Namespace, scratch: Path) -> tuple[Path, st
             raise SystemExit(f"bench_trainer: error: no config.json in model folder {folder}")
         return folder, str(folder)
 
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    model = build_tiny_causal_lm(
+        tokenizer,
         hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=4,
         intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
     folder = scratch / "model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -39,21 +39,7 @@ def char_tokenizer():
 
 @pytest.fixture
 def tiny_qwen2(char_tokenizer):
-    """A ~50k-parameter Qwen2 causal LM built from a config (no hub), fixed seed."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A ~78k-parameter Qwen2 causal LM built from a config (no hub), seed 0, in eval mode."""
+    from agpo_lab.models.tiny import build_tiny_causal_lm
 
-    config = Qwen2Config(
-        vocab_size=len(char_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=char_tokenizer.pad_token_id,
-        bos_token_id=char_tokenizer.bos_token_id,
-        eos_token_id=char_tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval()
+    return build_tiny_causal_lm(char_tokenizer).eval()

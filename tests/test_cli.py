@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from agpo_lab.cli import main
 
@@ -19,20 +18,16 @@ AGPO_LAB = Path(sys.executable).with_name("agpo-lab")
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     """A tiny Qwen2 + char tokenizer on disk and a YAML config that trains it on arithmetic."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     tok = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    model = build_tiny_causal_lm(
+        tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
     )  # fmt: skip
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(root / "model")
+    model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     path = root / "tiny.yaml"
     path.write_text(

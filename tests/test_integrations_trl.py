@@ -40,26 +40,14 @@ def half_reward(completions, **kwargs) -> list[float]:
 
 
 def tiny_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    model = build_tiny_causal_lm(
+        tok, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=64
     )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config), tok
+    return model, tok
 
 
 def make_args(out_dir, **overrides) -> AGPOConfig:

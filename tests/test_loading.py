@@ -6,29 +6,17 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from agpo_lab.models import EMBEDDED_MODEL_DIR
 from agpo_lab.models.loading import ModelConfig, load_policy, load_reference, resolve_dtype
+from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
 
 
-def build_tiny(tok) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval()
+def build_tiny(tok) -> torch.nn.Module:
+    """The seed-0 tiny Qwen2 with an untied output layer, in eval mode."""
+    return build_tiny_causal_lm(tok, tie_word_embeddings=False).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
 from agpo_lab.sampling import positions_from_mask
@@ -26,23 +26,7 @@ def tok():
 
 def tiny_model(tok, arch: str = "qwen2", eos_bias: float | None = None) -> torch.nn.Module:
     """A random 2-layer model; `eos_bias` adds to the EOS logit so that some rows stop early."""
-    kwargs = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    model = build_tiny_causal_lm(tok, arch=arch, tie_word_embeddings=False)
     if eos_bias is not None:
         head = model.get_output_embeddings()
         bias = torch.zeros(head.out_features)

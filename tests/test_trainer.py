@@ -48,21 +48,14 @@ class ParityTask:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A ~50k-parameter Qwen2 and the char tokenizer saved as a `from_pretrained` folder."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """A ~78k-parameter Qwen2 (seed 0) and the char tokenizer saved as a `from_pretrained` folder."""
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
+    model = build_tiny_causal_lm(tok)
     path = tmp_path_factory.mktemp("tiny_model")
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -49,27 +49,15 @@ def dictated_reward(completions, **kwargs) -> list[float]:
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
+    from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    model = build_tiny_causal_lm(
+        tok, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=64
     )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
     args = GRPOConfig(
         output_dir=str(tmp_path_factory.mktemp("trl")),
         use_cpu=True,

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, PreTrainedModel
 
 from agpo_lab.models import EMBEDDED_MODEL_DIR
+from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.tasks.arithmetic import (
     LEVELS,
@@ -97,23 +98,18 @@ class PretrainConfig:
             raise ValueError(f"error_rate must be in [0, 1), got {self.error_rate}")
 
 
-def build_model(config: PretrainConfig, tokenizer: Any) -> Qwen2ForCausalLM:
-    """A fresh tiny Qwen2 (tied embeddings) sized by `config`, initialised from `config.seed`."""
-    model_config = Qwen2Config(
-        vocab_size=len(tokenizer),
+def build_model(config: PretrainConfig, tokenizer: Any) -> PreTrainedModel:
+    """A fresh tiny Qwen2 (tied embeddings, no grouped KV) sized by `config`, seeded by its seed."""
+    return build_tiny_causal_lm(
+        tokenizer,
         hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        seed=config.seed,
     )
-    torch.manual_seed(config.seed)
-    return Qwen2ForCausalLM(model_config)
 
 
 def sft_batch(
