@@ -30,7 +30,13 @@ def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbfor
 
 
 def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path]:
-    """Write each PNG output of the executed notebook to `figure_dir`; return the paths."""
+    """Write each PNG output of the executed notebook to `figure_dir`; return the paths.
+
+    The folder is emptied first, so no figure of an earlier version of the notebook lingers.
+    """
+    if figure_dir.is_dir():
+        for stale in figure_dir.glob("*.png"):
+            stale.unlink()
     figure_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for cell_index, cell in enumerate(notebook.cells):
