@@ -1,4 +1,4 @@
-"""Tokenizer, model loading and the SFT script that makes the embedded checkpoint."""
+"""Tokenizer, model loading, tiny models from a config, and the SFT that makes the embedded model."""
 
 from pathlib import Path
 
