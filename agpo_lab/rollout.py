@@ -215,7 +215,8 @@ def completion_logprobs(
 
     log p_t = log softmax(logits_{t-1} / T)[token_t], 0 where completion_mask is 0; temperature 0
     is read as 1 (greedy rollouts). With `return_entropy`, also the entropy [B, C] of that same
-    distribution, -sum_v p_v log p_v. Gradients flow unless the caller is under no_grad. Matches
+    distribution, -sum_v p_v log p_v, without gradients (a metric; keeping its graph would hold
+    one more fp32 [C, V] tensor per row). Log-prob gradients flow unless under no_grad. Matches
     `Rollout.logprobs` (to ~1e-5 in fp32) when the model is in eval mode, as during the rollout.
     """
     temperature = 1.0 if temperature == 0 else temperature
@@ -235,8 +236,10 @@ def completion_logprobs(
     for row_logits, row_tokens in zip(logits, completion_ids):
         logp = F.log_softmax(row_logits.float() / temperature, dim=-1)
         logprob_rows.append(logp.gather(-1, row_tokens[:, None]).squeeze(-1))
-        if return_entropy:
-            entropy_rows.append(-(logp.exp() * logp).sum(-1))
+        if return_entropy:  # a logged metric: without a graph it keeps no [C, V] tensor alive
+            with torch.no_grad():
+                detached = logp.detach()
+                entropy_rows.append(-(detached.exp() * detached).sum(-1))
     mask = completion_mask.float()
     logprobs = torch.stack(logprob_rows) * mask
     if return_entropy:

@@ -1,6 +1,11 @@
-"""Tests of agpo_lab.models.loading: local models, LoRA, the KL reference, one-line errors."""
+"""Tests of agpo_lab.models.loading: local models, LoRA, the KL reference, one-line errors, and the
+fast offline check of hub ids (only ever against localhost)."""
 
 from __future__ import annotations
+
+import shutil
+import socket
+import time
 
 import huggingface_hub.constants
 import pytest
@@ -8,7 +13,13 @@ import torch
 import transformers
 
 from agpo_lab.models import EMBEDDED_MODEL_DIR
-from agpo_lab.models.loading import ModelConfig, load_policy, load_reference, resolve_dtype
+from agpo_lab.models.loading import (
+    ModelConfig,
+    hub_reachable,
+    load_policy,
+    load_reference,
+    resolve_dtype,
+)
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
@@ -174,3 +185,67 @@ def test_char_tokenizer_survives_a_qwen2_model_folder(tmp_path, char_tokenizer, 
     assert loaded(text)["input_ids"] == char_tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
     assert loaded.padding_side == "left"
+
+
+def closed_local_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    """Point the hub at localhost (no traffic leaves the machine) with no proxy and not offline;
+    returns a function that sets the endpoint's port."""
+    for name in ("https_proxy", "http_proxy", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def point_at(port: int) -> None:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+
+    return point_at
+
+
+def test_hub_reachable_honours_endpoint_offline_and_proxy(local_hub, monkeypatch):
+    with socket.socket() as server:  # a listening localhost "hub"
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        local_hub(server.getsockname()[1])
+        assert hub_reachable(timeout_s=2.0)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not hub_reachable(timeout_s=2.0)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+    local_hub(closed_local_port())
+    assert not hub_reachable(timeout_s=2.0)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # only the download can tell then
+    assert hub_reachable(timeout_s=2.0)
+
+
+def test_uncached_hub_id_fails_fast_when_the_hub_is_unreachable(local_hub, monkeypatch, tmp_path):
+    local_hub(closed_local_port())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="pass a local path") as err:
+        load_policy(ModelConfig(name_or_path="some-org/uncached-model"), "cpu")
+    assert time.perf_counter() - start < 5.0  # huggingface_hub's retries would take 25-50 s
+    assert "\n" not in str(err.value) and "some-org/uncached-model" in str(err.value)
+
+
+def test_cached_hub_id_loads_from_the_cache_when_the_hub_is_unreachable(
+    local_hub, monkeypatch, tmp_path, saved_model
+):
+    folder, original = saved_model
+    local_hub(closed_local_port())
+    repo = tmp_path / "models--some-org--tiny-model"  # huggingface_hub's cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model, _ = load_policy(ModelConfig(name_or_path="some-org/tiny-model"), "cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)

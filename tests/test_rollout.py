@@ -101,6 +101,41 @@ def test_completion_logprobs_equal_unpadded_plain_forward(tok, early_model):
     assert (entropy[r.completion_mask == 0] == 0).all()
 
 
+def saved_tensor_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass while `fn` runs."""
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def test_entropy_is_a_detached_metric_with_unchanged_values(tok):
+    """The entropy carries no graph (it is only logged) and keeps nothing alive for backward;
+    the log-probs keep their gradient; the values equal -sum p log p with gradients on."""
+    model = tiny_model(tok)
+    r = generate(model, tok, PROMPTS, RolloutConfig(max_new_tokens=8), generator=None)
+    inputs = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    logps, entropy = completion_logprobs(model, *inputs, temperature=0.7, return_entropy=True)
+    assert logps.requires_grad and not entropy.requires_grad
+    mask = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    logits = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    logp = (logits[:, r.prompt_ids.shape[1] - 1 : -1] / 0.7).log_softmax(-1)
+    with_grad = -(logp.exp() * logp).sum(-1) * r.completion_mask
+    assert with_grad.requires_grad
+    torch.testing.assert_close(entropy, with_grad.detach(), atol=1e-5, rtol=0)
+    logps.sum().backward()  # the log-probs still train the model
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    plain = saved_tensor_bytes(lambda: completion_logprobs(model, *inputs))
+    both = saved_tensor_bytes(lambda: completion_logprobs(model, *inputs, return_entropy=True))
+    assert both == plain
+
+
 # EOS biases under which greedy decoding of the seed-0 tiny models stops some rows, not all.
 GREEDY_EOS_BIAS = {"qwen2": 0.0, "llama": 0.2}
 

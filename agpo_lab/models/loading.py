@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -28,6 +32,9 @@ DTYPES = {
     "fp16": torch.float16,
 }
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_TIMEOUT_S = 3.0
+"""Seconds the hub gets to accept a connection before a hub id counts as unreachable (offline,
+huggingface_hub's own retries take 25 to 50 s before failing)."""
 
 
 @dataclass
@@ -66,7 +73,11 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder as a string, or a hub id to try; one-line errors for paths that do not exist."""
+    """A local folder as a string, or a hub id to try; one-line errors for paths that do not exist.
+
+    A hub id is returned as it is when the hub answers within HUB_TIMEOUT_S; otherwise it becomes
+    its snapshot folder in the local HF cache, or fails at once (OSError) when it is not cached.
+    """
     if name_or_path == "embedded":
         if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise FileNotFoundError(
@@ -81,7 +92,48 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     if path.exists() or not HUB_ID.match(name_or_path) or name_or_path.startswith("."):
         raise FileNotFoundError(f"model path {name_or_path!r} is not a model folder; pass one")
-    return name_or_path
+    if hub_reachable():
+        return name_or_path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):  # a cached snapshot is a plain model folder
+        return str(Path(cached).parent)
+    raise _hub_error(name_or_path, f"no connection within {HUB_TIMEOUT_S:g} s, not in the HF cache")
+
+
+def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) accepts a connection.
+
+    False under HF_HUB_OFFLINE; True when a proxy is set for the endpoint's scheme (only the
+    download itself can tell then). The DNS lookup runs in a thread because it has no timeout.
+    """
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    proxies = (f"{endpoint.scheme}_proxy", "all_proxy")
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
+        return True
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    pool = ThreadPoolExecutor(max_workers=1)
+    attempt = pool.submit(socket.create_connection, (endpoint.hostname, port), timeout_s)
+    try:
+        attempt.result(timeout=timeout_s).close()
+        return True
+    except OSError:  # refused, unreachable, no DNS, or no answer in time (TimeoutError)
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _hub_error(source: str, reason: str) -> OSError:
+    return OSError(
+        f"model {source!r} is neither a local folder nor reachable on the Hugging Face hub "
+        f"(offline or wrong id: {reason}); pass a local path to a saved model instead"
+    )
 
 
 def _load_or_fail(loader, source: str, **kwargs):
@@ -92,10 +144,7 @@ def _load_or_fail(loader, source: str, **kwargs):
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         if Path(source).is_dir():
             raise OSError(f"cannot load from model folder {source}: {reason}") from None
-        raise OSError(
-            f"model {source!r} is neither a local folder nor reachable on the Hugging Face hub "
-            f"(offline or wrong id: {reason}); pass a local path to a saved model instead"
-        ) from None
+        raise _hub_error(source, reason) from None
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
