@@ -223,6 +223,14 @@ def _summarise(rows: list, problems: list, group_size: int) -> dict[str, Any]:
     return overall
 
 
+def _portable(path: Path) -> str:
+    """`path` relative to the repository when inside it, so cards hold no machine paths."""
+    try:
+        return str(path.resolve().relative_to(EMBEDDED_MODEL_DIR.parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
     """Train, measure and save the checkpoint described by `config`; returns the output folder."""
     config.validate()
@@ -270,7 +278,7 @@ def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
 
     card: dict[str, Any] = {
         "command": command or "python -m agpo_lab.models.pretrain (called from Python)",
-        "config": dataclasses.asdict(config),
+        "config": {**dataclasses.asdict(config), "output_dir": _portable(out)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
         "train_seconds": round(train_seconds, 1),
