@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="smallest settings: 2 prompts, G=2, 8 tokens"
     )
+    p.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="ours: rollout.compile_decode=true (torch.compile of the decode step; its compile "
+        "time falls in the warm-up steps)",
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -215,7 +221,8 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         {
             "task": {"name": "arithmetic", "seed": 0},
             "rollout": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
-                        "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                        "compile_decode": args.compile_decode},
             # TRL's loss_type="grpo": group std (Bessel) + 1e-4, per-sequence token mean, clip 0.2
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
                           "std": "bessel", "eps": 1e-4, "clip_low": 0.2, "clip_high": 0.2,
@@ -319,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}",
             f"--group-size={args.group_size}", f"--max-new-tokens={args.max_new_tokens}",
             f"--beta={args.beta}", f"--lr={args.lr}", f"--model-dir={model_dir}",
+            *(["--compile-decode"] if args.compile_decode else []),
         ]  # fmt: skip
         results: dict[str, list[dict]] = {"ours": [], "trl": []}
         for round_index in range(args.rounds):  # alternate sides so load drift hits both
