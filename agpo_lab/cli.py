@@ -81,7 +81,7 @@ def _train(config: str, overrides: list[str], quiet: bool) -> int:
 def _delegate(command: str, argv: list[str]) -> int:
     try:
         if command == "eval":
-            from agpo_lab.evaluation import eval_main as run
+            from agpo_lab.eval_cli import eval_main as run
         elif command == "reproduce":
             from agpo_lab.reproduce import main as run
         else:

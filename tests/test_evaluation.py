@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agpo_lab.eval_cli import eval_main, load_for_eval
 from agpo_lab.evaluation import (
     EvalConfig,
-    eval_main,
     evaluate,
     evaluate_records,
     pass_at_k,
@@ -261,8 +261,6 @@ def test_load_for_eval_keeps_the_char_tokenizer_of_a_model_folder(
 ):
     # A folder with a qwen2 config.json must not turn the char tokenizer into Qwen2Tokenizer
     # (whose byte-level pre-tokenizer drops the prompt's newline).
-    from agpo_lab.evaluation import load_for_eval
-
     tiny_qwen2.save_pretrained(tmp_path)
     char_tokenizer.save_pretrained(tmp_path)
     _, tokenizer, run_cfg, _ = load_for_eval(str(tmp_path))

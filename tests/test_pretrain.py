@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agpo_lab.models import EMBEDDED_MODEL_DIR
+from agpo_lab.models.card import _summarise, measure
 from agpo_lab.models.pretrain import (
     PretrainConfig,
-    _summarise,
     learning_rate_at,
-    measure,
     parse_args,
     pretrain,
     sft_batch,
