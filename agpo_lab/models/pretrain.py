@@ -6,8 +6,9 @@ Each step draws a fresh batch of train-split questions over all difficulty level
 for each with a random number of redundant segments (0..max_verbosity, so verbosity is a choice the
 model learns to sample, not something the prompt asks for) and an occasional wrong step, and
 minimises the cross-entropy of the completion tokens (prompt tokens are masked). Afterwards the
-checkpoint is measured on the eval split at temperature 1.0 with G samples per prompt, and the
-folder gets the weights, the tokenizer, a card (README.md) and its statistics (card.json).
+checkpoint is measured on the eval split at temperature 1.0 with G samples per prompt
+(`agpo_lab.models.card.measure`), and the folder gets the weights, the tokenizer, a card
+(README.md, `agpo_lab.models.card.render_card`) and its statistics (card.json).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from agpo_lab.models import EMBEDDED_MODEL_DIR
+from agpo_lab.models.card import measure, portable_path, render_card
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.tasks.arithmetic import (
     LEVELS,
     ArithmeticTask,
     sample_problem,
-    shortest_correct_trace,
     write_trace,
 )
 
@@ -47,7 +48,7 @@ class PretrainConfig:
     """Folder to write model, tokenizer and card into (created if missing, files overwritten)."""
     seed: int = 0
     """Seeds the weights init, the SFT data stream and the sampling of the measurement."""
-    steps: int = 700
+    steps: int = 2000
     """Optimizer steps (each on a fresh batch of traces)."""
     batch_size: int = 64
     """Traces per optimizer step."""
@@ -145,92 +146,6 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
     return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-@torch.no_grad()
-def measure(
-    model: Any,
-    tokenizer: Any,
-    task: ArithmeticTask,
-    group_size: int = 8,
-    max_new_tokens: int = 96,
-    seed: int = 0,
-    batch_size: int = 128,
-) -> dict[str, Any]:
-    """pass@1, group kinds and lengths on the task's eval split, sampling at temperature 1.0.
-
-    Group kinds: a prompt's G samples are all correct, all wrong, or mixed. `length_ratio` is the
-    mean completion length (tokens = characters, EOS excluded) over the mean length of the
-    shortest correct traces of the same problems. `correct_per_question` maps each question to
-    its number of correct samples out of G (lets a later check re-measure any subset).
-    """
-    model.eval()
-    torch.manual_seed(seed)
-    problems = task.problems("eval")
-    per_batch = max(1, batch_size // group_size)
-    rows = []  # (level, n_correct, lengths, n_truncated, question)
-    for start in range(0, len(problems), per_batch):
-        chunk = problems[start : start + per_batch]
-        prompts = [task.format_prompt(p) for p in chunk for _ in range(group_size)]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-        )
-        generated = out[:, enc["input_ids"].shape[1] :]
-        for j, problem in enumerate(chunk):
-            correct, lengths, truncated = 0, [], 0
-            for ids in generated[j * group_size : (j + 1) * group_size].tolist():
-                ended = tokenizer.eos_token_id in ids
-                ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                correct += int(ended and task.score(text, problem) == 1.0)
-                lengths.append(len(ids))
-                truncated += int(not ended)
-            rows.append((problem.difficulty, correct, lengths, truncated, problem.question))
-    return _summarise(rows, problems, group_size)
-
-
-def _summarise(rows: list, problems: list, group_size: int) -> dict[str, Any]:
-    """Aggregate per-prompt rows into the card's statistics (overall and per level)."""
-
-    def stats(selected: list) -> dict[str, float]:
-        n = len(selected)
-        lengths = [length for row in selected for length in row[2]]
-        return {
-            "prompts": n,
-            "pass_at_1": sum(r[1] for r in selected) / (n * group_size),
-            "frac_all_correct": sum(r[1] == group_size for r in selected) / n,
-            "frac_all_wrong": sum(r[1] == 0 for r in selected) / n,
-            "frac_mixed": sum(0 < r[1] < group_size for r in selected) / n,
-            "mean_completion_tokens": sum(lengths) / len(lengths),
-            "truncated_rate": sum(r[3] for r in selected) / (n * group_size),
-        }
-
-    overall = stats(rows)
-    shortest = sum(len(shortest_correct_trace(p.question)) for p in problems) / len(problems)
-    overall["mean_shortest_correct_tokens"] = shortest
-    overall["length_ratio"] = overall["mean_completion_tokens"] / shortest
-    overall["group_size"] = group_size
-    levels = sorted({r[0] for r in rows})
-    overall["per_level"] = {str(lv): stats([r for r in rows if r[0] == lv]) for lv in levels}
-    overall["correct_per_question"] = {r[4]: r[1] for r in rows}
-    return overall
-
-
-def _portable(path: Path) -> str:
-    """`path` relative to the repository when inside it, so cards hold no machine paths."""
-    try:
-        return str(path.resolve().relative_to(EMBEDDED_MODEL_DIR.parents[1]))
-    except ValueError:
-        return str(path)
-
-
 def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
     """Train, measure and save the checkpoint described by `config`; returns the output folder."""
     config.validate()
@@ -278,7 +193,7 @@ def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
 
     card: dict[str, Any] = {
         "command": command or "python -m agpo_lab.models.pretrain (called from Python)",
-        "config": {**dataclasses.asdict(config), "output_dir": _portable(out)},
+        "config": {**dataclasses.asdict(config), "output_dir": portable_path(out)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
         "train_seconds": round(train_seconds, 1),
@@ -300,47 +215,6 @@ def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "README.md").write_text(render_card(card))
     return out
-
-
-def render_card(card: dict[str, Any]) -> str:
-    """The model card (markdown) from the statistics written to card.json."""
-    lines = [
-        "# agpo_lab embedded model",
-        "",
-        f"A {card['parameters'] / 1e6:.2f}M-parameter Qwen2 causal LM with a character tokenizer,",
-        "trained by `agpo_lab.models.pretrain` (SFT) on the embedded arithmetic task",
-        "(`agpo_lab.tasks.arithmetic`): traces with 0-3 redundant segments and occasional wrong steps.",
-        "Prompt `q:<question>\\n`; a completion ends with `ans:<int>` then EOS.",
-        "",
-        "Made by (deterministic: the same command gives bit-identical weights on CPU):",
-        "",
-        f"    {card['command']}",
-        "",
-        f"Training: {card['train_seconds']} s wall, final loss {card['final_train_loss']:.4f}.",
-    ]
-    if "eval" in card:
-        ev = card["eval"]
-        lines += [
-            "",
-            f"## Measured on the eval split (temperature 1.0, G={ev['group_size']})",
-            "",
-            f"- pass@1: {ev['pass_at_1']:.3f} over {ev['prompts']} prompts",
-            f"- groups all correct / all wrong / mixed: {ev['frac_all_correct']:.3f} / "
-            f"{ev['frac_all_wrong']:.3f} / {ev['frac_mixed']:.3f}",
-            f"- mean completion length: {ev['mean_completion_tokens']:.1f} tokens; shortest correct"
-            f" trace: {ev['mean_shortest_correct_tokens']:.1f}; ratio {ev['length_ratio']:.2f}",
-            f"- truncated (no EOS within the limit): {ev['truncated_rate']:.3f}",
-            "",
-            "| level | pass@1 | all correct | all wrong | mixed | mean tokens |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for level, s in ev["per_level"].items():
-            lines.append(
-                f"| {level} | {s['pass_at_1']:.3f} | {s['frac_all_correct']:.3f} | "
-                f"{s['frac_all_wrong']:.3f} | {s['frac_mixed']:.3f} | "
-                f"{s['mean_completion_tokens']:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> PretrainConfig:
