@@ -184,9 +184,9 @@ def test_estimate_terms_follow_the_stated_formulas():
 
 
 def test_workload_reads_a_config_like_the_trainer():
-    config = load_config(ROOT / "configs" / "gsm8k_qwen2.5-0.5b_lora.yaml")
-    work = Workload.from_config(config)  # 32 prompts x G 8; mini-batch 64 / 4 accumulation
-    assert (work.rollout_rows, work.micro_batch, work.completion_len) == (256, 16, 512)
+    config = load_config(ROOT / "configs" / "gpu" / "qwen2.5-0.5b-instruct_gsm8k_lora.yaml")
+    work = Workload.from_config(config)  # 32 prompts x G 8; mini-batch 64 / 8 accumulation
+    assert (work.rollout_rows, work.micro_batch, work.completion_len) == (256, 8, 512)
     assert work.lora and work.weight_bytes == 2 and work.gradient_checkpointing
     assert Workload.from_config(config, processes=4).rollout_rows == 64
     by_name = estimate_memory_gib("Qwen/Qwen2.5-0.5B-Instruct", config)
