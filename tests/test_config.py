@@ -12,7 +12,9 @@ from agpo_lab.tasks.registry import TaskConfig, build_task
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["embedded_grpo", "embedded_agpo", "reproduce", "gpu/qwen2.5-0.5b-instruct_gsm8k_lora"])
+@pytest.mark.parametrize(
+    "name", ["embedded_grpo", "embedded_agpo", "reproduce", "gpu/qwen2.5-0.5b-instruct_gsm8k_lora"]
+)
 def test_shipped_configs_parse_and_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.rollout.group_size >= 2
