@@ -75,6 +75,10 @@ class Rollout:
     """Decoded completions, special tokens (EOS, padding) removed."""
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**24
+"""Float32 logits (rows x tokens x vocabulary) turned into log-probs at once in the loss forward."""
+
+
 def _forward(model: torch.nn.Module, inputs: dict):
     return model(**inputs)
 
@@ -232,16 +236,20 @@ def completion_logprobs(
         logits_to_keep=width + 1,
     ).logits[:, :-1]
     logprob_rows, entropy_rows = [], []
-    # One row at a time keeps the float32 copy of the [C, V] logits small for big vocabularies.
-    for row_logits, row_tokens in zip(logits, completion_ids):
-        logp = F.log_softmax(row_logits.float() / temperature, dim=-1)
-        logprob_rows.append(logp.gather(-1, row_tokens[:, None]).squeeze(-1))
+    # Rows in chunks of at most LOGPROB_CHUNK_ELEMENTS float32 logits: a tiny vocabulary takes
+    # the whole batch in one op, a 150k vocabulary one row at a time (a bounded float32 copy).
+    rows_per_chunk = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    for chunk_logits, chunk_tokens in zip(
+        logits.split(rows_per_chunk), completion_ids.split(rows_per_chunk), strict=True
+    ):
+        logp = F.log_softmax(chunk_logits.float() / temperature, dim=-1)
+        logprob_rows.append(logp.gather(-1, chunk_tokens[..., None]).squeeze(-1))
         if return_entropy:  # a logged metric: without a graph it keeps no [C, V] tensor alive
             with torch.no_grad():
                 detached = logp.detach()
                 entropy_rows.append(-(detached.exp() * detached).sum(-1))
     mask = completion_mask.float()
-    logprobs = torch.stack(logprob_rows) * mask
+    logprobs = torch.cat(logprob_rows) * mask
     if return_entropy:
-        return logprobs, torch.stack(entropy_rows) * mask
+        return logprobs, torch.cat(entropy_rows) * mask
     return logprobs
