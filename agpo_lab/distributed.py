@@ -75,6 +75,14 @@ def reduce_mean(accelerator, value: float) -> float:
     return reduce_sum(accelerator, value) / (accelerator.num_processes if accelerator else 1)
 
 
+def reduce_max(accelerator, value: float) -> float:
+    """Largest value of a number over processes."""
+    if not accelerator:
+        return value
+    values = accelerator.gather(torch.tensor([float(value)], device=accelerator.device))
+    return values.max().item()
+
+
 def backward(accelerator, loss: Tensor) -> None:
     if accelerator:
         accelerator.backward(loss)

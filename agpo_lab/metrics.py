@@ -63,14 +63,13 @@ def rollout_metrics(
 class UpdateStats:
     """Averages loss diagnostics over optimizer steps (each step's value is already the
     micro-batch-weighted mini-batch value; `summary` reports the loss, KL, clip and grad-norm
-    ones), plus first-epoch entropy and ratio deviation (`observe_first_epoch`)."""
+    ones), plus the first-epoch ratio deviation (`observe_first_epoch`)."""
 
     def __init__(self, ratio_guard: RatioGuard | None = None) -> None:
         self.ratio_guard = ratio_guard
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.ratio_max_dev = 0.0
-        self.entropy_sum, self.entropy_tokens = 0.0, 0.0
 
     def add(self, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -79,19 +78,15 @@ class UpdateStats:
                 self.counts[key] += 1
 
     @torch.no_grad()
-    def observe_first_epoch(
-        self, logps: Tensor, entropy: Tensor, mb, before_any_step: bool
-    ) -> None:
-        """Add a first-epoch micro-batch `mb` (a RowBatch): the entropy of its tokens and, before
-        the first optimizer step, max |exp(logp - old_logp) - 1| over them.
+    def observe_first_epoch(self, logps: Tensor, mb, before_any_step: bool) -> None:
+        """Before the first optimizer step, add max |exp(logp - old_logp) - 1| over the tokens of
+        a micro-batch `mb` (a RowBatch).
 
         That ratio deviation must be ~0: the policy has not moved since it sampled, so a
         deviation means rollout and training compute different log-probs (the guard warns).
         Example: logps == mb.old_logprobs everywhere -> ratio_max_dev stays 0.0.
         """
         mask = mb.completion_mask > 0
-        self.entropy_sum += entropy[mask].sum().item()
-        self.entropy_tokens += mask.sum().item()
         if before_any_step and mask.any():
             deviation = (logps[mask] - mb.old_logprobs[mask]).exp().sub(1).abs().max().item()
             self.ratio_max_dev = max(self.ratio_max_dev, deviation)
@@ -108,9 +103,6 @@ class UpdateStats:
             "loss/kl_mean": mean.get("kl_mean", 0.0),
             "clip/frac_low": mean.get("clip_frac_low", 0.0),
             "clip/frac_high": mean.get("clip_frac_high", 0.0),
-            "policy/entropy": self.entropy_sum / self.entropy_tokens
-            if self.entropy_tokens
-            else None,
             "policy/ratio_first_epoch_max_dev": self.ratio_max_dev,
             "optim/grad_norm": mean.get("grad_norm", 0.0),
         }

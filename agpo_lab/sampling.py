@@ -49,11 +49,14 @@ def sample_next_token(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from [b, V] logits; return (tokens [b], their log-probs [b]).
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Draw one token per row from [b, V] logits; return (tokens [b], their log-probs [b]), and
+    with `return_entropy` also the entropy [b] of the distribution the log-probs come from.
 
     The log-prob is log softmax(logits / T)[token], before top-k / top-p (see the module docstring);
-    temperature 0 is greedy (argmax) with T = 1 log-probs.
+    temperature 0 is greedy (argmax) with T = 1 log-probs. Entropy: -sum_v p_v log p_v of that
+    same distribution (what the loss forward would report for the token, at no extra forward).
     """
     logits = logits.float()
     if temperature == 0:
@@ -67,7 +70,10 @@ def sample_next_token(
         else:  # the common case: reuse the log-probs instead of a second softmax
             probs = logp.exp()
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if return_entropy:
+        return tokens, token_logp, -(logp.exp() * logp).nan_to_num().sum(-1)
+    return tokens, token_logp
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

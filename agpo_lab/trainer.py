@@ -7,8 +7,9 @@ Read `Trainer.train` and `Trainer.train_step` top to bottom. One step:
     3. reward = task score + length shaping, computed on whole groups
     4. advantages per group (GRPO, AGPO, ...); zero_variance=drop masks homogeneous groups and can
        resample replacements (DAPO dynamic sampling, at most algorithm.max_resample_rounds rounds)
-    5. mu inner epochs over mini-batches: clipped surrogate (+ beta * KL), gradient accumulation,
-       gradient clipping, AdamW with linear warm-up
+    5. mu inner epochs over mini-batches: clipped surrogate (+ beta * KL), gradient accumulation
+       over length-sorted micro-batches (rows whose loss is exactly 0 are skipped), gradient
+       clipping, AdamW with linear warm-up
     6. metrics (flushed to metrics.jsonl), periodic evaluation, samples and checkpoints
 
 Every random choice comes from explicit `torch.Generator`s whose states are checkpointed, so a
@@ -30,7 +31,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from agpo_lab import checkpointing
 from agpo_lab import distributed as dist
-from agpo_lab.algorithms.loss import policy_loss
 from agpo_lab.config import TrainConfig
 from agpo_lab.metrics import RatioGuard, UpdateStats, rollout_metrics, sample_records
 from agpo_lab.models.loading import load_policy, load_reference
@@ -38,7 +38,14 @@ from agpo_lab.rewards import group_advantages, shaped_rewards
 from agpo_lab.rollout import completion_logprobs, generate
 from agpo_lab.runs import RunDir
 from agpo_lab.tasks.registry import build_task
-from agpo_lab.trainer_utils import RowBatch, disable_dropout, linear_warmup
+from agpo_lab.trainer_utils import (
+    RowBatch,
+    configured_loss,
+    disable_dropout,
+    linear_warmup,
+    micro_batches,
+    reference_logprobs,
+)
 
 Callback = Callable[[int, dict[str, Any]], Any]
 
@@ -74,6 +81,10 @@ class Trainer:
         self.model = self.policy  # what the loss calls: the DDP wrapper under accelerate
         if self.accelerator:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # what the update's forward calls; shares the parameters (state dict keys stay plain)
+        self.update_model = (
+            torch.compile(self.model, dynamic=True) if o.compile_update else self.model
+        )
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
         self.data_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator(self.device).manual_seed(
@@ -133,6 +144,10 @@ class Trainer:
         scored = [info[key] for key in ("scores", "rewards", "lengths", "truncated")]
         advantages, active = batch.advantages.view(-1, G).cpu(), batch.active.view(-1, G)[:, 0]
         metrics = rollout_metrics(*dist.gather(self.accelerator, *scored, advantages, active.cpu()))
+        entropy, tokens = (
+            dist.reduce_sum(self.accelerator, info[k]) for k in ("entropy_sum", "tokens")
+        )
+        metrics["policy/entropy"] = entropy / max(tokens, 1)  # of the sampling distribution
         if self.cfg.algorithm.zero_variance == "drop":
             batch, dynamic, extra_tokens = self._replace_dropped_groups(batch)
             metrics.update(dynamic)
@@ -180,7 +195,8 @@ class Trainer:
             active=group_mask.repeat_interleave(G).to(self.device),
         )
         info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated}
-        return batch, {**info, "texts": out.texts, "tokens": int(out.lengths.sum())}
+        tokens, entropy = int(out.lengths.sum()), out.entropy.sum().item()
+        return batch, {**info, "texts": out.texts, "tokens": tokens, "entropy_sum": entropy}
 
     def _replace_dropped_groups(self, batch: RowBatch) -> tuple[RowBatch, dict[str, float], int]:
         """DAPO dynamic sampling: swap dropped groups for freshly sampled informative ones.
@@ -214,21 +230,20 @@ class Trainer:
         a, o, acc = self.cfg.algorithm, self.cfg.optim, self.accelerator
         rows, T = batch.advantages.numel(), self.cfg.rollout.temperature
         mini = (o.mini_batch_size or rows * self.world) // self.world
-        micro = mini // o.grad_accumulation
-        ref = None
-        if self.reference is not None:  # frozen log-probs (no gradient), once per step
-            mbs = [batch.select(c) for c in torch.arange(rows, device=self.device).split(micro)]
-            ref = torch.cat([self.reference.logprobs(*m.model_inputs, temperature=T) for m in mbs])
-        stats, by_token = UpdateStats(self._ratio_guard), a.aggregation == "token_mean"
-        loss_fn = partial(
-            policy_loss,
-            clip_low=a.clip_low,
-            clip_high=a.clip_high,
-            beta=a.beta,
-            kl_estimator=a.kl_estimator,
-            aggregation=a.aggregation,
-            max_len=self.cfg.rollout.max_new_tokens,
-        )
+        lengths, by_token = batch.row_lengths(), a.aggregation == "token_mean"
+        split = partial(micro_batches, prompt_lengths=lengths[0], completion_lengths=lengths[1])
+        # a row's weight in its mini-batch loss: its tokens (token_mean) or 1 (active rows)
+        row_weight = batch.loss_mask.sum(1) if by_token else batch.active.float()
+        # Rows whose loss is exactly 0 (dropped groups; zero advantage without a KL term) are left
+        # out of the forward and backward, their weight still counts. One process only: under DDP
+        # every process must run the same backward passes.
+        computed = batch.active & ((batch.advantages != 0) | (a.beta > 0))
+        computed = computed | (acc is not None)
+        all_rows = torch.arange(rows, device=self.device)
+        chunks = split(all_rows, count=o.grad_accumulation, token_budget=o.micro_batch_tokens)
+        ref = reference_logprobs(self.reference, batch, chunks, temperature=T)
+        stats = UpdateStats(self._ratio_guard)
+        loss_fn = configured_loss(a, max_len=self.cfg.rollout.max_new_tokens)
         self.model.train()
         for epoch in range(a.mu):
             order = torch.arange(rows)
@@ -236,29 +251,34 @@ class Trainer:
                 order = torch.randperm(rows, generator=self.data_generator)
             for start in range(0, rows, mini):
                 idx = order[start : start + mini].to(self.device)
-                # a row's weight in the mini-batch loss: its tokens (token_mean) or 1 (active rows)
-                weights = batch.loss_mask[idx].sum(1) if by_token else batch.active[idx].float()
-                if dist.reduce_sum(acc, weights.sum().item()) == 0:
+                total = row_weight[idx].sum()
+                if dist.reduce_sum(acc, total.item()) == 0:
                     continue  # only dropped groups: no gradient, and no Adam momentum step either
-                total, step_stats = weights.sum().clamp(min=1e-9), {}
-                chunks = idx.split(micro)
+                chunks = split(idx[computed[idx]], count=o.grad_accumulation,
+                               token_budget=o.micro_batch_tokens)  # fmt: skip
+                if acc and o.micro_batch_tokens:  # as many backward passes on every process
+                    chunks = split(idx, count=int(dist.reduce_max(acc, len(chunks))))
+                total, step_stats = total.clamp(min=1e-9), {}
                 for i, chunk in enumerate(chunks):
-                    mb = batch.select(chunk)
+                    mb = batch.select(chunk).trimmed()
                     with dist.sync_gradients_if(i == len(chunks) - 1, acc, self.model):
-                        logps, entropy = completion_logprobs(
-                            self.model, *mb.model_inputs, temperature=T, return_entropy=True
+                        logps = completion_logprobs(
+                            self.update_model, *mb.model_inputs, temperature=T
                         )
-                        mb_ref = None if ref is None else ref[chunk]
+                        mb_ref = None if ref is None else ref[chunk, : logps.shape[1]]
                         loss, diag = loss_fn(
                             logps, mb.old_logprobs, mb.advantages, mb.loss_mask, mb_ref
                         )
                         # the mini-batch loss is the weighted mean over its micro-batches
-                        share = (weights[i * micro : (i + 1) * micro].sum() / total).item()
+                        share = (row_weight[chunk].sum() / total).item()
                         dist.backward(acc, loss * share)
                     for key, value in diag.items():  # UpdateStats.summary picks what it reports
                         step_stats[key] = step_stats.get(key, 0.0) + share * value
-                    if epoch == 0:  # entropy; before any optimizer step, the ratio guard
-                        stats.observe_first_epoch(logps, entropy, mb, before_any_step=start == 0)
+                    if epoch == 0:  # before any optimizer step, the ratio guard
+                        stats.observe_first_epoch(logps, mb, before_any_step=start == 0)
+                if not chunks:  # every row's gradient is exactly 0; Adam still takes its step
+                    for p in self.params:
+                        p.grad = torch.zeros_like(p)
                 max_norm = o.max_grad_norm or float("inf")
                 step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
                 self._mid_update = True  # from here on the weights differ from the step's start

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from agpo_lab.algorithms.loss import policy_loss
 
 
 @dataclass
@@ -42,6 +45,25 @@ class RowBatch:
     def select(self, rows: Tensor) -> RowBatch:
         """The rows at index `rows`, in that order."""
         return RowBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def trimmed(self) -> RowBatch:
+        """The same rows without the columns that are padding in every row (prompt columns on
+        the left, completion columns on the right): what a micro-batch of similar lengths saves."""
+        prompt_from = self.prompt_ids.shape[1] - int(self.prompt_mask.sum(1).max())
+        width = max(1, int(self.completion_mask.sum(1).max()))
+        return RowBatch(
+            prompt_ids=self.prompt_ids[:, prompt_from:],
+            prompt_mask=self.prompt_mask[:, prompt_from:],
+            completion_ids=self.completion_ids[:, :width],
+            completion_mask=self.completion_mask[:, :width],
+            old_logprobs=self.old_logprobs[:, :width],
+            advantages=self.advantages,
+            active=self.active,
+        )
+
+    def row_lengths(self) -> tuple[Tensor, Tensor]:
+        """(prompt tokens [B], completion tokens [B]) of each row, padding left out."""
+        return self.prompt_mask.sum(1), self.completion_mask.sum(1).long()
 
     @staticmethod
     def cat(batches: list[RowBatch], pad_id: int) -> RowBatch:
@@ -84,6 +106,71 @@ class RowBatch:
             rows[slot] = donor_rows[new]
         both = RowBatch.cat([self, donor], pad_id)
         return both.select(rows.flatten().to(self.advantages.device))
+
+
+def micro_batches(
+    rows: Tensor,
+    prompt_lengths: Tensor,
+    completion_lengths: Tensor,
+    count: int,
+    token_budget: int | None = None,
+) -> list[Tensor]:
+    """Split one mini-batch's row indices into micro-batches of rows of similar length.
+
+    Rows are sorted by prompt + completion length (stable), so that a micro-batch trimmed to its
+    longest prompt and completion (`RowBatch.trimmed`) carries little padding. Without
+    `token_budget`: `count` micro-batches of near-equal row counts (fewer if there are fewer rows).
+    With it: consecutive sorted rows are packed while rows x (longest prompt + longest completion)
+    stays within the budget, at least one row each (verl's dynamic batch size); then `count` is
+    ignored. prompt_lengths / completion_lengths are indexed by row id.
+    Example: rows [0, 1, 2, 3], prompts all 1, completions [4, 8, 5, 7]: count 2 ->
+    [[0, 2], [3, 1]]; token_budget 12 -> [[0, 2], [3], [1]] (3 rows of width 8 would be 24).
+    """
+    if rows.numel() == 0:
+        return []
+    rows = rows[(prompt_lengths[rows] + completion_lengths[rows]).argsort(stable=True)]
+    if token_budget is None:
+        return list(rows.tensor_split(min(count, rows.numel())))
+    chunks, start, longest_prompt, longest_completion = [], 0, 0, 0
+    for i, (p, c) in enumerate(
+        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist())
+    ):
+        p, c = max(longest_prompt, p), max(longest_completion, c)
+        if i > start and (i - start + 1) * (p + c) > token_budget:
+            chunks.append(rows[start:i])
+            start, (p, c) = i, (prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item())
+        longest_prompt, longest_completion = p, c
+    return [*chunks, rows[start:]]
+
+
+def configured_loss(algorithm, max_len: int) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+    """`policy_loss` with the clip, KL and aggregation settings of an AlgorithmConfig bound."""
+    a = algorithm
+    return partial(
+        policy_loss,
+        clip_low=a.clip_low,
+        clip_high=a.clip_high,
+        beta=a.beta,
+        kl_estimator=a.kl_estimator,
+        aggregation=a.aggregation,
+        max_len=max_len,
+    )
+
+
+def reference_logprobs(
+    reference, batch: RowBatch, chunks: list[Tensor], temperature: float
+) -> Tensor | None:
+    """Frozen reference log-probs [B, C] of the batch (no gradient), computed over trimmed
+    micro-batches `chunks`; None without a reference (beta = 0)."""
+    if reference is None:
+        return None
+    ref = torch.zeros_like(batch.old_logprobs)
+    for chunk in chunks:
+        logps = reference.logprobs(
+            *batch.select(chunk).trimmed().model_inputs, temperature=temperature
+        )
+        ref[chunk, : logps.shape[1]] = logps
+    return ref
 
 
 def _pad(t: Tensor, width: int, value: float, left: bool) -> Tensor:

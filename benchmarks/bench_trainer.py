@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: rollout.compile_decode=true (torch.compile of the decode step; its compile "
         "time falls in the warm-up steps)",
     )
+    p.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="ours: optim.compile_update=true (torch.compile of the update's forward/backward)",
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -228,7 +233,8 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
                           "std": "bessel", "eps": 1e-4, "clip_low": 0.2, "clip_high": 0.2,
                           "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
             "optim": {"lr": args.lr, "warmup_steps": 0, "max_grad_norm": 1.0,
-                      "mini_batch_size": None, "grad_accumulation": 1},
+                      "mini_batch_size": None, "grad_accumulation": 1,
+                      "compile_update": args.compile_update},
             "run": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts,
                     "seed": 0, "out_dir": str(out_dir), "name": Path(args.result).stem, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu"},
@@ -327,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--group-size={args.group_size}", f"--max-new-tokens={args.max_new_tokens}",
             f"--beta={args.beta}", f"--lr={args.lr}", f"--model-dir={model_dir}",
             *(["--compile-decode"] if args.compile_decode else []),
+            *(["--compile-update"] if args.compile_update else []),
         ]  # fmt: skip
         results: dict[str, list[dict]] = {"ours": [], "trl": []}
         for round_index in range(args.rounds):  # alternate sides so load drift hits both

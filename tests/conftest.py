@@ -43,3 +43,17 @@ def tiny_qwen2(char_tokenizer):
     from agpo_lab.models.tiny import build_tiny_causal_lm
 
     return build_tiny_causal_lm(char_tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A ~78k-parameter Qwen2 (seed 0) and the char tokenizer saved as a `from_pretrained` folder."""
+    from agpo_lab.models.tiny import build_tiny_causal_lm
+    from agpo_lab.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = build_tiny_causal_lm(tok)
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

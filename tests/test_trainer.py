@@ -46,20 +46,6 @@ class ParityTask:
         return 1.0 if int(problem.question) % 3 == 0 or len(completion) % 2 == 0 else 0.0
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A ~78k-parameter Qwen2 (seed 0) and the char tokenizer saved as a `from_pretrained` folder."""
-    from agpo_lab.models.tiny import build_tiny_causal_lm
-    from agpo_lab.models.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    model = build_tiny_causal_lm(tok)
-    path = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def make_config(model_dir, out_dir, *overrides):
     return load_config(
         None,

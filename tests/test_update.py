@@ -1,0 +1,130 @@
+"""The update's speed-ups change no gradient: length-sorted trimmed micro-batches, token budgets,
+skipped zero-gradient rows, the compiled forward; and the rollout's entropy equals the loss forward's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agpo_lab.algorithms.loss import policy_loss
+from agpo_lab.config import load_config
+from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
+from agpo_lab.trainer import Trainer
+from agpo_lab.trainer_utils import RowBatch, micro_batches
+from tests.test_trainer import ParityTask, comparable, make_config
+
+
+def test_micro_batches_sort_by_length_and_pack_to_a_budget():
+    rows, prompts = torch.arange(4), torch.ones(4, dtype=torch.long)
+    completions = torch.tensor([4, 8, 5, 7])
+    as_lists = lambda chunks: [c.tolist() for c in chunks]  # noqa: E731
+    assert as_lists(micro_batches(rows, prompts, completions, 2)) == [[0, 2], [3, 1]]
+    assert as_lists(micro_batches(rows, prompts, completions, 1, 12)) == [[0, 2], [3], [1]]
+    assert as_lists(micro_batches(rows, prompts, completions, 9)) == [[0], [2], [3], [1]]
+    assert as_lists(micro_batches(rows, prompts, completions, 1, 1)) == [[0], [2], [3], [1]]
+    assert as_lists(micro_batches(torch.tensor([3, 1]), prompts, completions, 1, 100)) == [[3, 1]]
+    assert micro_batches(torch.tensor([], dtype=torch.long), prompts, completions, 2) == []
+
+
+def test_trimmed_rows_give_the_same_logprobs(char_tokenizer):
+    from agpo_lab.models.tiny import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(char_tokenizer).eval()
+    prompts = ["1+1=", "(12+34)*5=", "7*8=", "99-45="]
+    out = generate(model, char_tokenizer, prompts, RolloutConfig(max_new_tokens=10))
+    n = len(prompts)
+    batch = RowBatch(
+        out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, out.logprobs,
+        torch.zeros(n), torch.ones(n, dtype=torch.bool),
+    )  # fmt: skip
+    short = batch.select(torch.tensor([0, 2]))
+    trimmed = short.trimmed()
+    assert trimmed.prompt_ids.shape[1] == int(short.prompt_mask.sum(1).max())
+    assert trimmed.completion_ids.shape[1] == int(short.completion_mask.sum(1).max())
+    full = completion_logprobs(model, *short.model_inputs)
+    cut = completion_logprobs(model, *trimmed.model_inputs)
+    torch.testing.assert_close(cut, full[:, : cut.shape[1]], atol=1e-5, rtol=0)
+    assert (full[:, cut.shape[1] :] == 0).all()
+
+
+def test_rollout_entropy_equals_the_loss_forward_entropy(char_tokenizer):
+    from agpo_lab.models.tiny import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(char_tokenizer).eval()
+    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
+    out = generate(model, char_tokenizer, ["1+1=", "7*8="], cfg)
+    inputs = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+    _, entropy = completion_logprobs(model, *inputs, temperature=0.7, return_entropy=True)
+    torch.testing.assert_close(out.entropy, entropy, atol=1e-5, rtol=0)
+    assert (out.entropy[out.completion_mask == 1] > 0).all()
+
+
+def _gradient_of_update(trainer: Trainer, batch: RowBatch) -> list[torch.Tensor]:
+    """The gradient the trainer's update hands to its optimizer (the step itself is skipped)."""
+    grads = []
+    trainer.optimizer.step = lambda: grads.append([p.grad.clone() for p in trainer.params])
+    trainer._update(batch)
+    return grads[0]
+
+
+def _plain_gradient(trainer: Trainer, batch: RowBatch) -> list[torch.Tensor]:
+    """The textbook computation: every row in one untrimmed forward, one backward."""
+    a = trainer.cfg.algorithm
+    trainer.policy.zero_grad()
+    logps = completion_logprobs(trainer.policy, *batch.model_inputs)
+    loss, _ = policy_loss(
+        logps, batch.old_logprobs, batch.advantages, batch.loss_mask,
+        aggregation=a.aggregation, max_len=trainer.cfg.rollout.max_new_tokens,
+    )  # fmt: skip
+    loss.backward()
+    grads = [p.grad.clone() for p in trainer.params]
+    trainer.policy.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # one micro-batch; zero-advantage rows skipped
+        ["optim.grad_accumulation=4"],
+        ["optim.micro_batch_tokens=40"],
+        ["algorithm.aggregation=token_mean", "optim.micro_batch_tokens=60"],
+        ["algorithm.aggregation=seq_mean_token_sum_norm", "optim.grad_accumulation=2"],
+        ["algorithm.zero_variance=drop", "optim.micro_batch_tokens=50"],
+    ],
+)
+def test_update_gradient_equals_the_plain_full_batch_gradient(tiny_model_dir, tmp_path, overrides):
+    cfg = make_config(tiny_model_dir, tmp_path, "optim.max_grad_norm=0", *overrides)
+    trainer = Trainer(cfg, task=ParityTask())
+    batch, _ = trainer._rollout(trainer.problems[:4])  # problems 0 and 3: always solved
+    assert (batch.advantages == 0).sum() >= 8 and (batch.advantages != 0).any()
+    assert len(set(batch.completion_mask.sum(1).tolist())) > 1  # rows of different lengths
+    expected = _plain_gradient(trainer, batch)
+    got = _gradient_of_update(trainer, batch)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-7, rtol=1e-5)
+
+
+def test_a_batch_without_gradient_still_takes_an_adam_step(tiny_model_dir, tmp_path):
+    trainer = Trainer(make_config(tiny_model_dir, tmp_path), task=ParityTask())
+    batch, _ = trainer._rollout(trainer.problems[:4])
+    batch.advantages.zero_()
+    grads = _gradient_of_update(trainer, batch)
+    assert len(grads) == len(trainer.params) and all((g == 0).all() for g in grads)
+
+
+def test_micro_batch_tokens_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="optim.micro_batch_tokens"):
+        load_config(None, ["optim.micro_batch_tokens=0"])
+
+
+def test_compiled_update_gives_the_same_metrics(tiny_model_dir, tmp_path):
+    runs = []
+    for compiled in ("false", "true"):
+        cfg = make_config(tiny_model_dir, tmp_path / compiled, f"optim.compile_update={compiled}")
+        runs.append(comparable(Trainer(cfg, task=ParityTask()).train()))
+    for eager, compiled in zip(*runs, strict=True):
+        assert eager.keys() == compiled.keys()
+        for key, value in eager.items():
+            if isinstance(value, float):
+                assert compiled[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
