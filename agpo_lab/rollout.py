@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from agpo_lab import fast_decode
+from agpo_lab.fast_decode import FastDecoder
 from agpo_lab.sampling import (  # noqa: F401  (filters, eval_mode: re-exported for callers)
     cache_kwarg,
     eval_mode,
@@ -46,6 +48,10 @@ class RolloutConfig:
     """Draw only from the k most likely tokens; 0 = off; 1 = greedy with T-scaled log-probs."""
     max_new_tokens: int = 96
     """Most tokens generated per completion (EOS included); a row that reaches it is `truncated`."""
+    fast_decode: bool = True
+    """Decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with agpo_lab.fast_decode's lean
+    one-token step: the same logits as the transformers forward (tested) at ~1.4x the speed on small
+    models; other models always use the transformers forward. False: always the latter."""
     compile_decode: bool = False
     """`torch.compile` the one-token decode step: fewer, fused kernels per token (measured ~1.2x
     rollout tokens/s on CPU, benchmarks/bench_rollout.py) after a one-off compile of ~10 s per
@@ -67,6 +73,9 @@ class Rollout:
     """[B, C] float, 1.0 on generated tokens (EOS included), 0.0 on padding."""
     logprobs: torch.Tensor
     """[B, C] float32 log-probs of the sampled tokens under softmax(logits / T), 0 on padding."""
+    entropy: torch.Tensor
+    """[B, C] float32 entropy of softmax(logits / T) at each generated token, 0 on padding (the
+    policy entropy metric, taken here so that the update need not compute it)."""
     lengths: torch.Tensor
     """[B] long, generated tokens per row (EOS included)."""
     truncated: torch.Tensor
@@ -79,15 +88,29 @@ LOGPROB_CHUNK_ELEMENTS = 2**24
 """Float32 logits (rows x tokens x vocabulary) turned into log-probs at once in the loss forward."""
 
 
-def _forward(model: torch.nn.Module, inputs: dict):
-    return model(**inputs)
+def _forward(runner: tuple, cache, tokens, positions, mask) -> torch.Tensor:
+    """Logits [b, V] of one new token per row through the transformers forward;
+    runner = (the model, the name of its cache argument)."""
+    model, cache_name = runner
+    inputs = {
+        "input_ids": tokens[:, None],
+        "attention_mask": mask,
+        "position_ids": positions[:, None],
+    }
+    return model(**inputs, use_cache=True, **{cache_name: cache}).logits[:, -1]
+
+
+def _fast_forward(decoder: FastDecoder, cache, tokens, positions, mask) -> torch.Tensor:
+    """The same logits through agpo_lab.fast_decode (Llama-family models)."""
+    return decoder.step(cache, tokens, positions, mask)
 
 
 @functools.cache
-def _compiled_forward():
-    """`_forward` compiled once per process; dynamic shapes let one graph serve every batch size
-    and cache length (a batch of one row would be specialised and recompiled, so it runs eagerly)."""
-    return torch.compile(_forward, dynamic=True)
+def _compiled(forward):
+    """A decode forward compiled once per process; dynamic shapes let one graph serve every batch
+    size and cache length (a batch of one row would be specialised and recompiled, so it runs
+    eagerly)."""
+    return torch.compile(forward, dynamic=True)
 
 
 @torch.inference_mode()
@@ -99,18 +122,18 @@ def _decode(
     stops: torch.Tensor,
     pad_id: int,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sampling loop: (token ids [B, N], log-probs [B, N], lengths [B]), N = max_new_tokens."""
+) -> tuple[torch.Tensor, ...]:
+    """The sampling loop: (token ids, log-probs, entropies: [B, N]; lengths [B]), N = max_new_tokens."""
     batch, steps = prompt_ids.shape[0], cfg.max_new_tokens
     device = prompt_ids.device
     out_ids = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+    out_entropy = torch.zeros(batch, steps, dtype=torch.float32, device=device)
     lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
     active = torch.arange(batch, device=device)  # original row index of each row still decoding
     # The attention mask of every step is a prefix of this one (generated tokens are never padding).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, steps)], dim=1)
     position = positions_from_mask(prompt_mask)
-    cache_name = cache_kwarg(model)
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -120,13 +143,17 @@ def _decode(
     )
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     preallocate(cache, steps)
-    position = position[:, -1:]
+    position, logits = position[:, -1], out.logits[:, -1]
+    fast = cfg.fast_decode and fast_decode.supported(model)
+    runner = FastDecoder(model) if fast else (model, cache_kwarg(model))
+    forward = _fast_forward if fast else _forward
     for step in range(steps):
-        tokens, logprobs = sample_next_token(
-            out.logits[:, -1], cfg.temperature, cfg.top_k, cfg.top_p, generator
+        tokens, logprobs, entropy = sample_next_token(
+            logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, True
         )
         out_ids[active, step] = tokens
         out_logprobs[active, step] = logprobs
+        out_entropy[active, step] = entropy
         if step == steps - 1:
             break
         finished = torch.isin(tokens, stops)
@@ -140,16 +167,12 @@ def _decode(
             active, tokens, position = active[keep], tokens[keep], position[keep]
             full_mask = full_mask[keep]
         position = position + 1
-        inputs = {
-            "input_ids": tokens[:, None],
-            "attention_mask": full_mask[:, : prompt_ids.shape[1] + step + 1],
-            "position_ids": position,
-            "use_cache": True,
-            cache_name: cache,
-        }
+        mask = full_mask[:, : prompt_ids.shape[1] + step + 1]
         compiled = cfg.compile_decode and len(tokens) > 1
-        out = (_compiled_forward() if compiled else _forward)(model, inputs)
-    return out_ids, out_logprobs, lengths
+        logits = (_compiled(forward) if compiled else forward)(
+            runner, cache, tokens, position, mask
+        )
+    return out_ids, out_logprobs, out_entropy, lengths
 
 
 def generate(
@@ -182,7 +205,7 @@ def generate(
         raise ValueError("rollout.generate: a prompt tokenizes to nothing; pass non-empty prompts")
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(token_rows, pad_id))
     with eval_mode(model):
-        out_ids, out_logprobs, lengths = _decode(
+        out_ids, out_logprobs, out_entropy, lengths = _decode(
             model, prompt_ids, prompt_mask, cfg, stops, pad_id, generator
         )
 
@@ -199,6 +222,7 @@ def generate(
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         logprobs=logprobs,
+        entropy=out_entropy[:, :width].clone() * completion_mask,
         lengths=lengths,
         truncated=~torch.isin(last_token, stops),
         texts=tokenizer.batch_decode(completion_ids.tolist(), skip_special_tokens=True),

@@ -10,8 +10,10 @@ never emits EOS:
   (with --model, the model's own EOS behaviour is used instead): the realistic case, where our
   loop drops finished rows from the batch and `model.generate` keeps decoding them as padding.
 
-Ours runs twice: eager, and with `RolloutConfig(compile_decode=True)`, whose one-off compile time
-shows in the "warm-up s" column (the untimed first run) and not in tokens/s.
+Ours runs three times: as configured by default (eager, agpo_lab.fast_decode's lean decode step),
+with `RolloutConfig(compile_decode=True)`, whose one-off compile time shows in the "warm-up s"
+column (the untimed first run) and not in tokens/s, and with `fast_decode=False` (the transformers
+forward inside our loop), which shows what the lean step adds.
 
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own: peak RSS
 (`resource.getrusage(...).ru_maxrss`, which includes the ~0.5 GB of torch + transformers imports,
@@ -33,7 +35,12 @@ import time
 
 import torch
 
-IMPLS = {"ours": "agpo_lab", "ours_compiled": "agpo_lab+compile", "hf": "model.generate"}
+IMPLS = {
+    "ours": "agpo_lab",
+    "ours_compiled": "agpo_lab+compile",
+    "ours_hf_forward": "agpo_lab, hf fwd",
+    "hf": "model.generate",
+}
 PROMPTS = ["12+34=", "7*8=", "(5+6)*2=", "99-45=", "3+4*5=", "81/9=", "1+1=", "250-17="]
 
 
@@ -101,6 +108,7 @@ def worker(args: argparse.Namespace) -> dict:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         compile_decode=args.impl == "ours_compiled",
+        fast_decode=args.impl != "ours_hf_forward",
     )
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     rss_after_load_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f"{r['rss_after_load_mb']:>13.0f}{r['peak_rss_mb']:>13.0f}"
             print(line + (f"{r['peak_cuda_mb']:>14.1f}" if "peak_cuda_mb" in r else ""))
         hf = results["hf"]
-        for impl in ("ours", "ours_compiled"):
+        for impl in ("ours", "ours_compiled", "ours_hf_forward"):
             ratio = results[impl]["tokens_per_s"] / hf["tokens_per_s"]
             cpu_ratio = results[impl]["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             print(

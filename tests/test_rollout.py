@@ -210,9 +210,9 @@ def test_compiled_decode_matches_eager_and_completion_logprobs(tok):
 def test_finished_rows_leave_the_batch(tok):
     model = tiny_model(tok, eos_bias=2.5)
     batch_sizes = []
-    hook = model.register_forward_pre_hook(
-        lambda mod, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
-        with_kwargs=True,
+    # the embedding sees every forward's batch: the prefill and each decode step (either path)
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda mod, args: batch_sizes.append(args[0].shape[0])
     )
     try:
         r = generate(model, tok, PROMPTS, RolloutConfig(max_new_tokens=16), generator=None)

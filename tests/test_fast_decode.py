@@ -1,0 +1,142 @@
+"""agpo_lab.fast_decode: the lean decode step computes what the transformers forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from agpo_lab import fast_decode
+from agpo_lab.fast_decode import FastDecoder
+from agpo_lab.rollout import RolloutConfig, generate
+from agpo_lab.sampling import cache_kwarg, positions_from_mask, preallocate
+
+SIZES = dict(
+    vocab_size=58,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+ARCHS = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),  # q/k/v biases
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES, tie_word_embeddings=False)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),  # per-head q/k norms
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)),
+    "llama_mha": lambda: LlamaForCausalLM(LlamaConfig(**{**SIZES, "num_key_value_heads": 4})),
+}
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ARCHS[arch]().eval()
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 58, (5, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[3, :1] = 0
+    return ids, mask
+
+
+@torch.inference_mode()
+def _decode_both(model: torch.nn.Module, steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step (transformers logits, FastDecoder logits) for the same tokens, dropping a row once."""
+    ids, mask = _prompts()
+    position = positions_from_mask(mask)
+    caches = []
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        preallocate(out.past_key_values, steps)
+        caches.append(out.past_key_values)
+    decoder, tokens = FastDecoder(model), out.logits[:, -1].argmax(-1)
+    position, pairs = position[:, -1], []
+    for step in range(steps):
+        if step == 2:  # a finished row leaves the batch, as in the rollout loop
+            keep = torch.tensor([0, 2, 3, 4])
+            for cache in caches:
+                cache.batch_select_indices(keep)
+            tokens, position, mask = tokens[keep], position[keep], mask[keep]
+        position, mask = position + 1, torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        expected = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            use_cache=True,
+            **{cache_kwarg(model): caches[0]},
+        ).logits[:, -1]
+        got = decoder.step(caches[1], tokens, position, mask)
+        pairs.append((expected, got))
+        tokens = expected.argmax(-1)
+    return pairs
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fast_step_matches_transformers_forward(arch):
+    model = _model(arch)
+    assert fast_decode.supported(model)
+    assert all(f is not None for f in FastDecoder(model).fused)  # plain Linear: fused path
+    for expected, got in _decode_both(model):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_model_uses_unfused_modules_and_matches():
+    peft = pytest.importorskip("peft")
+    model = _model("qwen2")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = peft.get_peft_model(model, config).eval()
+    for layer in model.get_base_model().model.layers:  # make the adapters matter
+        torch.nn.init.normal_(layer.self_attn.q_proj.lora_B["default"].weight, std=0.5)
+        torch.nn.init.normal_(layer.mlp.up_proj.lora_B["default"].weight, std=0.5)
+    assert fast_decode.supported(model)
+    assert FastDecoder(model).fused == [None, None]
+    for expected, got in _decode_both(model):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_models_fall_back():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=58, n_embd=32, n_layer=1, n_head=2))
+    windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
+    gelu = LlamaForCausalLM(LlamaConfig(**SIZES, hidden_act="gelu"))
+    assert not any(fast_decode.supported(m) for m in (gpt2, windowed, gelu))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_generate_is_identical_with_and_without_the_fast_step(arch, char_tokenizer):
+    model = _model(arch)
+    prompts = ["12+34=", "7*8=", "(5+6)*2=", "1+1="]
+    runs = []
+    for fast in (True, False):
+        cfg = RolloutConfig(max_new_tokens=12, temperature=1.0, fast_decode=fast)
+        gen = torch.Generator().manual_seed(3)
+        runs.append(generate(model, char_tokenizer, prompts, cfg, generator=gen))
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(runs[0].entropy, runs[1].entropy, atol=1e-5, rtol=0)
+
+
+def test_models_above_the_fusing_size_use_their_modules_and_match(monkeypatch):
+    model = _model("qwen3")
+    monkeypatch.setattr(fast_decode, "FUSE_MAX_BYTES", 1024)
+    assert FastDecoder(model).fused == [None, None]
+    for expected, got in _decode_both(model):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
