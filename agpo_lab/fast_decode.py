@@ -45,7 +45,11 @@ def supported(model: torch.nn.Module) -> bool:
     windowed = getattr(cfg, "sliding_window", None) is not None and getattr(
         cfg, "use_sliding_window", cfg.model_type == "mistral"
     )
-    return set(layer_types) == {"full_attention"} and not windowed
+    decoder = _base(model).get_decoder()
+    shaped = all(
+        hasattr(decoder, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")
+    )
+    return shaped and set(layer_types) == {"full_attention"} and not windowed
 
 
 def _small(layers) -> bool:

@@ -117,7 +117,10 @@ def test_unsupported_models_fall_back():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=58, n_embd=32, n_layer=1, n_head=2))
     windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
     gelu = LlamaForCausalLM(LlamaConfig(**SIZES, hidden_act="gelu"))
-    assert not any(fast_decode.supported(m) for m in (gpt2, windowed, gelu))
+    odd = _model("qwen2")  # a family member laid out differently (no shared rotary module)
+    del odd.model.rotary_emb
+    assert not any(fast_decode.supported(m) for m in (gpt2, windowed, gelu, odd))
+    assert fast_decode.supported(_model("qwen2"))
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
