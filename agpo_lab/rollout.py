@@ -4,8 +4,9 @@
 prompts once, then one token per step from the KV cache. Rows that have emitted EOS leave the active
 batch (their cache rows are selected out), so the late tokens of long completions cost only the
 unfinished rows; plain transformers cache layers are swapped for preallocated ones so a step writes
-its keys in place instead of re-concatenating the cache. With `RolloutConfig.compile_decode` the
-one-token step runs through `torch.compile`. `completion_logprobs` recomputes the same log-probs in
+its keys in place instead of re-concatenating the cache. For Llama-family models the one-token
+step is `agpo_lab.fast_decode`'s lean decoder (same logits, fewer operations); with
+`RolloutConfig.compile_decode` it runs through `torch.compile`. `completion_logprobs` recomputes the same log-probs in
 one forward pass for the loss. Token filtering, sampling and the cache helpers live in
 `agpo_lab.sampling` (its docstring states the log-prob convention: log softmax(logits / T) of the
 full distribution; temperature 0 is greedy with T = 1 log-probs).
@@ -50,13 +51,15 @@ class RolloutConfig:
     """Most tokens generated per completion (EOS included); a row that reaches it is `truncated`."""
     fast_decode: bool = True
     """Decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with agpo_lab.fast_decode's lean
-    one-token step: the same logits as the transformers forward (tested) at ~1.4x the speed on small
-    models; other models always use the transformers forward. False: always the latter."""
+    one-token step: the same logits as the transformers forward (tested) at ~1.3x the rollout
+    tokens/s on small models (benchmarks/bench_rollout.py); other models always use the
+    transformers forward. False: always the latter."""
     compile_decode: bool = False
-    """`torch.compile` the one-token decode step: fewer, fused kernels per token (measured ~1.2x
-    rollout tokens/s on CPU, benchmarks/bench_rollout.py) after a one-off compile of ~10 s per
-    process (one more if the batch size was constant until then); worth it for training runs, not
-    for a quick notebook cell. Forward hooks on the model run only while compiling, not per step."""
+    """`torch.compile` the one-token decode step: fewer, fused kernels per token (on CPU measured
+    1.0-1.15x the rollout tokens/s of the eager fast step, 1.3-1.5x that of the transformers
+    forward; benchmarks/bench_rollout.py) after a one-off compile of ~10 s per process (one more if
+    the batch size was constant until then); for long training runs, not for a quick notebook
+    cell. Forward hooks on the model run only while compiling, not per step."""
 
 
 @dataclass
