@@ -59,20 +59,19 @@ def sample_next_token(
     same distribution (what the loss forward would report for the token, at no extra forward).
     """
     logits = logits.float()
+    scaled = logits if temperature == 0 else logits / temperature
+    logp = scaled.log_softmax(-1)
+    full_probs = logp.exp()
     if temperature == 0:
-        logp = logits.log_softmax(-1)
         tokens = logits.argmax(dim=-1)
     else:
-        scaled = logits / temperature
-        logp = scaled.log_softmax(-1)
+        probs = full_probs  # the common case: no second softmax
         if top_k > 0 or top_p < 1.0:
             probs = filter_top_p(filter_top_k(scaled, top_k), top_p).softmax(-1)
-        else:  # the common case: reuse the log-probs instead of a second softmax
-            probs = logp.exp()
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
     if return_entropy:
-        return tokens, token_logp, -(logp.exp() * logp).nan_to_num().sum(-1)
+        return tokens, token_logp, -(full_probs * logp).nan_to_num().sum(-1)
     return tokens, token_logp
 
 
