@@ -1,71 +1,100 @@
-"""`agpo-lab` command line: reproduce | train | eval | pretrain | bench.
+"""`agpo-lab`: the one command line of agpo_lab.
 
-    agpo-lab reproduce [--quick]                # the main job: GRPO vs AGPO, tables + figures
-    agpo-lab train configs/embedded_agpo.yaml run.steps=20 optim.lr=3e-5
-    agpo-lab train runs/agpo-seed0              # a run directory: resume it
-    agpo-lab eval runs/agpo-seed0/final
-    agpo-lab bench                              # list benchmarks; `agpo-lab bench NAME` runs one
+    agpo-lab train CONFIG [section.key=value ...]        RL-train from a YAML config
+    agpo-lab train RUN_DIR [section.key=value ...]       resume a run directory
+    agpo-lab eval RUN_OR_MODEL [eval.key=value ...]      held-out pass@1, pass@k and tokens
+    agpo-lab reproduce [--quick] [--seeds 0 1 2 ...]     GRPO vs AGPO over seeds: tables, figures
+    agpo-lab pretrain [--steps N ...]                    rebuild the embedded model (SFT)
+    agpo-lab bench [NAME [ARGS ...]]                     list or run a script in benchmarks/
 
-Configuration mistakes print one line to stderr and exit with status 2 (no traceback).
+Every verb's `--help` comes from the settings' own docstrings (`agpo_lab.config`): `train --help`
+lists every section.key, `reproduce --help` and `pretrain --help` every flag (one per field of
+`ReproduceConfig` / `PretrainConfig`). A bad setting, a bad flag or a missing file prints one line
+to stderr and exits with status 2 (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import shlex
 import subprocess
 import sys
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
-BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from agpo_lab.config import (
+    SECTIONS,
+    PretrainConfig,
+    ReproduceConfig,
+    TrainConfig,
+    apply_overrides,
+    coerce,
+    describe_keys,
+    field_docs,
+    load_config,
+)
+from agpo_lab.paths import BENCHMARKS_DIR
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `agpo-lab` console script; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="agpo-lab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="RL-train a policy from a YAML config or resume a run")
-    train.add_argument("config", help="a YAML config file, or a run directory to resume")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("eval", help="evaluate a run or model (see `agpo-lab eval -h`)", add_help=False)
-    sub.add_parser(
-        "pretrain", help="SFT the embedded model (see `agpo-lab pretrain -h`)", add_help=False
-    )
-    sub.add_parser(
-        "reproduce", help="GRPO vs AGPO over seeds (see `agpo-lab reproduce -h`)", add_help=False
-    )
-    bench = sub.add_parser("bench", help="list or run the scripts in benchmarks/")
-    bench.add_argument("name", nargs="?", help="benchmark to run (file name without .py)")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
-
-    if argv and argv[0] in ("eval", "pretrain", "reproduce"):  # they parse their own arguments
-        return _delegate(argv[0], argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        return _train(args.config, args.overrides, quiet=args.quiet)
-    return _bench(args.name, args.args)
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+"""What a section.key=value override looks like on the command line."""
 
 
-def _train(config: str, overrides: list[str], quiet: bool) -> int:
-    from tqdm.auto import tqdm
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit status 2."""
 
-    from agpo_lab.config import load_config
 
+@contextlib.contextmanager
+def one_line_errors(verb: str) -> Iterator[None]:
+    """Turn the project's own errors (bad settings, missing files, unreachable models) raised in
+    the block into one line on stderr and exit status 2; anything else keeps its traceback."""
     try:
-        path = Path(config)
+        yield
+    except (UsageError, ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"agpo-lab {verb}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _keys_parser(verb: str, description: str, sections: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A parser whose --help ends with every section.key the verb accepts, from the docstrings."""
+    return OneLineParser(
+        prog=f"agpo-lab {verb}",
+        description=description,
+        epilog="settings (section.key=default):\n" + describe_keys(sections),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+
+def train_main(argv: list[str]) -> int:
+    """RL-train a policy from a YAML config and section.key=value overrides, or resume a run."""
+    parser = _keys_parser("train", train_main.__doc__ or "", SECTIONS)
+    parser.add_argument("config", help="a YAML config file, or a run directory to resume")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (listed below)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    with one_line_errors("train"):
+        path = Path(args.config)
         if path.is_dir():  # a run directory: continue it with its own saved config
-            cfg = load_config(path / "config.yaml", [*overrides, "run.resume=true"])
+            cfg = load_config(path / "config.yaml", [*args.overrides, "run.resume=true"])
             cfg.run.out_dir, cfg.run.name = str(path.parent), path.name
         else:
-            cfg = load_config(path, overrides)
-        from agpo_lab.trainer import Trainer
+            cfg = load_config(path, args.overrides)
+        from agpo_lab.training.trainer import Trainer  # torch and transformers: after the checks
 
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"agpo-lab train: {err}", file=sys.stderr)
-        return 2
-    bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=quiet, desc=cfg.run.name)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=args.quiet, desc=cfg.run.name)
 
     def progress(step: int, metrics: dict) -> None:
         bar.update(1)
@@ -78,39 +107,187 @@ def _train(config: str, overrides: list[str], quiet: bool) -> int:
     return 0
 
 
-def _delegate(command: str, argv: list[str]) -> int:
-    try:
-        if command == "eval":
-            from agpo_lab.eval_cli import eval_main as run
-        elif command == "reproduce":
-            from agpo_lab.reproduce import main as run
+# ---- eval ------------------------------------------------------------------------------------
+
+
+def eval_main(argv: list[str]) -> int:
+    """Evaluate a run (its latest checkpoint) or a model on a held-out split: pass@1, pass@k, tokens.
+
+    Prints the metrics and writes them as JSON (a run: RUN/eval.json). Settings are the run's eval.*
+    and task.* (the defaults for a model folder or "embedded"), changed by section.key=value.
+    """
+    parser = _keys_parser("eval", eval_main.__doc__ or "", ("eval", "task"))
+    add = parser.add_argument
+    add("target", metavar="RUN_OR_MODEL", help="run directory, model folder or 'embedded'")
+    add("overrides", nargs="*", help="eval.key=value or task.key=value (listed below)")
+    add("--split", help="split to evaluate (default: task.eval_split)")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add("--out", help="write the metrics as JSON here (default for a run: RUN/eval.json)")
+    add("--records", help="also write one row per completion to this .csv")
+    args = parser.parse_args(argv)
+    with one_line_errors("eval"):
+        foreign = [o for o in args.overrides if o.partition(".")[0] not in ("eval", "task")]
+        if foreign:
+            raise UsageError(f"{foreign[0]!r}: eval takes only eval.* and task.* overrides")
+        from agpo_lab.evaluation import evaluate_records, summarize_records
+        from agpo_lab.tasks.registry import build_task
+        from agpo_lab.training.checkpoints import load_run_policy
+
+        # The settings first (a typo fails before any model loads), then the model.
+        run_cfg = _run_config_of(args.target)
+        data = run_cfg.to_dict() if run_cfg else {}
+        cfg = TrainConfig.from_dict(apply_overrides(data, args.overrides))
+        model, tokenizer, _, description = load_run_policy(args.target, args.device)
+        task = build_task(cfg.task)
+        problems = task.problems(args.split or cfg.task.eval_split)
+        records = evaluate_records(model, tokenizer, task, problems, cfg.eval)
+    metrics = summarize_records(records, cfg.eval.k)
+    print(f"{description}, task {cfg.task.name}, {records['problem_id'].nunique()} problems")
+    for key, value in metrics.items():
+        print(f"  {key:<34} {value:>10.4f}")
+    out = args.out or (str(Path(args.target, "eval.json")) if run_cfg else None)
+    if out:
+        safe = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}  # strict JSON
+        Path(out).write_text(json.dumps(safe, indent=2) + "\n")
+        print(f"wrote {out}")
+    if args.records:
+        records.to_csv(args.records, index=False)
+        print(f"wrote {args.records}")
+    return 0
+
+
+def _run_config_of(target: str) -> TrainConfig | None:
+    """The saved TrainConfig of a run directory; None for a model folder or "embedded"."""
+    path = Path(target)
+    if target == "embedded" or (path / "config.json").is_file():
+        return None
+    if not (path / "config.yaml").is_file():
+        raise UsageError(
+            f"{target} is not a run directory (no config.yaml), a model folder (no config.json) "
+            "or 'embedded'"
+        )
+    return load_config(path / "config.yaml")
+
+
+# ---- reproduce, pretrain: flags from their dataclasses -----------------------------------------
+
+
+def parse_flags(cls: type, verb: str, argv: list[str]) -> Any:
+    """An instance of the flat settings dataclass `cls` from command-line flags: one ``--field-name``
+    per field (booleans also ``--no-field-name``), help text from the field docstrings, values
+    read with the field's type (`config.coerce`) and checked by the class itself.
+
+    Example: ``parse_flags(ReproduceConfig, "reproduce", ["--seeds", "0", "1", "--quick"])``.
+    """
+    parser = OneLineParser(prog=f"agpo-lab {verb}", description=cls.__doc__)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        flag, kind = "--" + f.name.replace("_", "-"), typing.get_origin(hints[f.name])
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            from agpo_lab.models.pretrain import main as run
-        status = run(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"agpo-lab {command}: {err}", file=sys.stderr)
-        return 2
-    return int(status or 0)
+            nargs = "+" if kind in (list, tuple) else None
+            parser.add_argument(flag, nargs=nargs, metavar=f.name.upper(), help=help_text)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    with one_line_errors(verb):
+        return cls(**{k: coerce(v, hints[k], k) for k, v in given.items()})
 
 
-def _bench(name: str | None, args: list[str]) -> int:
-    scripts = sorted(BENCHMARKS_DIR.glob("*.py")) if BENCHMARKS_DIR.is_dir() else []
-    if name is None:
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def reproduce_main(argv: list[str]) -> int:
+    """GRPO vs AGPO and the ablations over seeds: tables with intervals and figures (the main job).
+
+    Flags are ReproduceConfig's fields; bare section.key=value items apply to every run.
+    """
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    cfg = parse_flags(ReproduceConfig, "reproduce", [a for a in argv if not OVERRIDE.match(a)])
+    with one_line_errors("reproduce"):
+        cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *overrides])
+        from agpo_lab.experiments.reproduce import plan_jobs, reproduce
+
+        plan_jobs(cfg)  # unknown methods fail here, before any run starts
+    root = reproduce(cfg)
+    print((root / "summary.md").read_text())
+    print(f"results: {root}")
+    return 0
+
+
+def pretrain_main(argv: list[str]) -> int:
+    """Rebuild the embedded model: SFT of a tiny Qwen2 on arithmetic traces (flags: PretrainConfig)."""
+    cfg = parse_flags(PretrainConfig, "pretrain", argv)
+    from agpo_lab.experiments.pretrain import pretrain
+
+    out = pretrain(cfg, command=shlex.join(["agpo-lab", "pretrain", *argv]))
+    print(f"wrote {out}")
+    print((out / "README.md").read_text())
+    return 0
+
+
+# ---- bench -----------------------------------------------------------------------------------
+
+
+def bench_main(argv: list[str]) -> int:
+    """List the speed benchmarks in benchmarks/ (ours against TRL and model.generate), or run one."""
+    scripts = sorted(BENCHMARKS_DIR.glob("bench_*.py")) if BENCHMARKS_DIR.is_dir() else []
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: agpo-lab bench [NAME [ARGS ...]]   (NAME --help: the script's own flags)")
         print("benchmarks:" if scripts else f"no benchmarks found in {BENCHMARKS_DIR}")
         for script in scripts:
-            doc = (
-                script.read_text().split('"""')[1].strip().splitlines()[0]
-                if '"""' in script.read_text()
-                else ""
-            )
-            print(f"  {script.stem:24s} {doc}")
+            print(f"  {script.stem:24s} {_first_docstring_line(script)}")
         return 0
-    script = BENCHMARKS_DIR / f"{name.removesuffix('.py')}.py"
-    if not script.is_file():
-        names = ", ".join(s.stem for s in scripts) or "none"
-        print(f"agpo-lab bench: no benchmark {name!r}; available: {names}", file=sys.stderr)
+    name = argv[0].removesuffix(".py")
+    by_name = {script.stem: script for script in scripts}
+    with one_line_errors("bench"):
+        if name not in by_name:  # only the scripts listed here, never a path
+            names = ", ".join(by_name) or "none"
+            raise UsageError(f"no benchmark {argv[0]!r}; available: {names}")
+    return subprocess.call([sys.executable, str(by_name[name]), *argv[1:]])
+
+
+def _first_docstring_line(script: Path) -> str:
+    text = script.read_text()
+    return text.split('"""')[1].strip().splitlines()[0] if '"""' in text else ""
+
+
+# ---- the entry point -------------------------------------------------------------------------
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_main,
+    "eval": eval_main,
+    "reproduce": reproduce_main,
+    "pretrain": pretrain_main,
+    "bench": bench_main,
+}
+"""The verbs of `agpo-lab`, in the order `--help` lists them."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `agpo-lab` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: agpo-lab {" + ",".join(VERBS) + "} ...   (VERB --help for its settings)\n")
+        print((__doc__ or "").split("\n\n")[0] + "\n")
+        for name, verb in VERBS.items():
+            print(f"  {name:10s} {(verb.__doc__ or '').splitlines()[0]}")
+        return 0 if argv else 2
+    verb = VERBS.get(argv[0])
+    if verb is None:
+        print(
+            f"agpo-lab: unknown command {argv[0]!r}; use one of {', '.join(VERBS)}", file=sys.stderr
+        )
         return 2
-    return subprocess.call([sys.executable, str(script), *args])
+    try:
+        return int(verb(argv[1:]) or 0)
+    except SystemExit as done:  # argparse, tyro and one_line_errors end this way
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,167 @@
-"""Training configuration: one dataclass per concern, composed into `TrainConfig`.
+"""Every setting of agpo_lab: one dataclass per concern, a docstring on every field, checked up front.
 
-A YAML file has one mapping per section (model, task, rollout, algorithm, optim, run, eval); dotted
-``section.key=value`` overrides are applied on top and parsed with the field's type. Everything is
-validated up front, so a typo or an impossible value fails in one line before any model loads:
+A training run is a `TrainConfig` of seven sections (model, task, rollout, algorithm, optim, run,
+eval). A YAML file has one mapping per section; dotted ``section.key=value`` overrides go on top and
+are parsed with the field's type. Every value is checked when its section is built (ranges, choices,
+finite numbers) and the sections against each other when the whole config is, so a typo or an
+impossible value fails in one line that names the key, before any model loads:
 
     cfg = load_config("configs/embedded_agpo.yaml", ["run.steps=20", "optim.lr=3e-5"])
+
+`PretrainConfig` (the SFT that makes the embedded model) and `ReproduceConfig` (the main job) are
+the other two commands' settings. This module imports nothing heavy (no torch, no transformers):
+reading a config is instant, and `agpo-lab train --help` lists every key from the docstrings here.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import math
+import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from agpo_lab.config_values import build_section, plain
-from agpo_lab.evaluation import EvalConfig
-from agpo_lab.models.loading import ModelConfig
-from agpo_lab.rollout import RolloutConfig
-from agpo_lab.tasks.registry import TaskConfig
+from agpo_lab.paths import CONFIGS_DIR, DOCS_RESULTS_DIR, EMBEDDED_MODEL_DIR
+
+TaskName = Literal["arithmetic", "gsm8k", "math500", "aime24", "amc23"]
+ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
+"""Difficulty levels of the embedded task (described in `agpo_lab.tasks.arithmetic.LEVELS`)."""
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def _checker(prefix: str, section: Any):
+    """A `check(key, ok, rule)` for one section: raises the one-line error every setting uses,
+    ``prefix.key=value: rule``, when `ok` is False (prefix "" for a command's flat settings)."""
+
+    def check(key: str, ok: bool, rule: str) -> None:
+        if not ok:
+            name = f"{prefix}.{key}" if prefix else key
+            raise ValueError(f"{name}={_plain(getattr(section, key))!r}: {rule}")
+
+    return check
+
+
+# ---- the sections of a training run -----------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how."""
+
+    name_or_path: str = "embedded"
+    """Local model folder or hub id; "embedded" = the shipped tiny model (data/embedded)."""
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
+    """Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scale numerator: the update is (alpha / r) * B A."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Module names that get adapters, or "all-linear" (every linear layer but the output head)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory; None = on for CUDA, off on CPU."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model; only set it for a model you trust."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager, flash_attention_2, ..."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("model", self)
+        check("name_or_path", bool(self.name_or_path.strip()), "name a model folder or hub id")
+        check("dtype", self.dtype in DTYPE_NAMES, f"use {', '.join(DTYPE_NAMES)}")
+        check("lora_r", self.lora_r >= 1, "must be >= 1")
+        check("lora_alpha", self.lora_alpha > 0, "must be > 0")
+        check("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        check("lora_target_modules", bool(self.lora_target_modules), "name modules or all-linear")
+
+
+@dataclass
+class TaskConfig:
+    """Which problems the policy trains and is evaluated on."""
+
+    name: TaskName = "arithmetic"
+    """Task name: "arithmetic" (embedded, offline) or a dataset: gsm8k, math500, aime24, amc23."""
+    path: str | None = None
+    """Local data file or folder for a dataset task (None: the task's default location)."""
+    seed: int = 0
+    """Seed of the embedded task's problem generator (which problems exist, not their order)."""
+    n_train: int = 1000
+    """Embedded task: number of training problems."""
+    n_eval: int = 200
+    """Embedded task: number of held-out problems."""
+    levels: list[int] | None = None
+    """Embedded task: difficulty levels 1..5 to draw from (None: all levels)."""
+    train_split: str = "train"
+    """Split the RL prompts are drawn from."""
+    eval_split: str = "eval"
+    """Held-out split used by periodic evaluation ("eval"; datasets may call it "test")."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("task", self)
+        check("name", self.name in get_args(TaskName), f"valid: {', '.join(get_args(TaskName))}")
+        check("n_train", self.n_train >= 1, "must be >= 1")
+        check("n_eval", self.n_eval >= 1, "must be >= 1")
+        levels_ok = self.levels is None or (
+            bool(self.levels) and set(self.levels) <= set(ARITHMETIC_LEVELS)
+        )
+        check("levels", levels_ok, f"choose among {list(ARITHMETIC_LEVELS)}, or null for all")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling settings for one batch of rollouts."""
+
+    group_size: int = 8
+    """G: completions per prompt. The trainer repeats each prompt G times; `generate` does not."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding (argmax, log-probs at T = 1), which training
+    rejects (the G completions of a prompt would all be the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p; 1 = off."""
+    top_k: int = 0
+    """Draw only from the k most likely tokens; 0 = off; 1 = greedy with T-scaled log-probs."""
+    max_new_tokens: int = 96
+    """Most tokens generated per completion (EOS included); a row that reaches it is `truncated`."""
+    fast_decode: bool = True
+    """Decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with agpo_lab.rollout.fast_decode's
+    lean one-token step: the same logits as the transformers forward (tested), faster on small
+    models (benchmarks/README.md); other models always use the transformers forward. False: always
+    the latter."""
+    compile_decode: bool = False
+    """`torch.compile` the one-token decode step: fewer, fused kernels per token after a one-off
+    compile per process (benchmarks/README.md has the measured gain and cost); for long training
+    runs, not for a quick notebook cell. Forward hooks on the model run only while compiling."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("rollout", self)
+        check("group_size", self.group_size >= 1, "must be >= 1")
+        check("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy decoding)")
+        check("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)")
+        check("top_k", self.top_k >= 0, "must be >= 0 (0 = off)")
+        check("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
 
 
 @dataclass
@@ -41,7 +181,8 @@ class AlgorithmConfig:
     std: Literal["bessel", "population"] = "bessel"
     """Std convention of std-normalised estimators (bessel = TRL/verl, population = divide by G)."""
     eps: float = 1e-4
-    """Added to the std before dividing (TRL 1e-4, verl 1e-6)."""
+    """Added to the std before dividing (TRL 1e-4, verl 1e-6; 0 is allowed: homogeneous groups
+    still get exactly 0)."""
     length_reward: Literal["none", "agpo", "kimi", "dapo_overlong"] = "none"
     """Length shaping added to the correctness reward, computed on whole groups."""
     length_weight: float = 0.1
@@ -68,22 +209,23 @@ class AlgorithmConfig:
     """With zero_variance=drop: extra sampling rounds to replace dropped groups (DAPO dynamic
     sampling); 0 = never resample, just train on the groups that remain."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise a one-line ValueError for an impossible setting."""
-        if self.r_max <= self.r_min:
-            raise ValueError(f"algorithm.r_max={self.r_max} must exceed r_min={self.r_min}")
-        if self.eps <= 0 or self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError("algorithm.eps must be > 0 and clip_low / clip_high >= 0")
-        if not 0 <= self.clip_low < 1:
-            raise ValueError(f"algorithm.clip_low={self.clip_low} must be in [0, 1)")
-        if self.beta < 0 or self.length_weight < 0:
-            raise ValueError("algorithm.beta and algorithm.length_weight must be >= 0")
-        if self.mu < 1:
-            raise ValueError(f"algorithm.mu={self.mu} must be >= 1")
-        if self.max_resample_rounds < 0 or self.overlong_cache < 1:
-            raise ValueError("algorithm.max_resample_rounds >= 0 and overlong_cache >= 1 needed")
-        if self.max_resample_rounds and self.zero_variance != "drop":
-            raise ValueError("algorithm.max_resample_rounds needs algorithm.zero_variance=drop")
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("algorithm", self)
+        check("r_max", self.r_max > self.r_min, f"must exceed algorithm.r_min={self.r_min}")
+        check("eps", self.eps >= 0, "must be >= 0")
+        check("clip_low", 0 <= self.clip_low < 1, "must be in [0, 1)")
+        check("clip_high", self.clip_high >= 0, "must be >= 0")
+        check("beta", self.beta >= 0, "must be >= 0 (0 = no KL term)")
+        check("length_weight", self.length_weight >= 0, "must be >= 0")
+        check("mu", self.mu >= 1, "must be >= 1")
+        check("overlong_cache", self.overlong_cache >= 1, "must be >= 1")
+        check("max_resample_rounds", self.max_resample_rounds >= 0, "must be >= 0")
+        resample_ok = not self.max_resample_rounds or self.zero_variance == "drop"
+        check("max_resample_rounds", resample_ok, "needs algorithm.zero_variance=drop")
 
 
 @dataclass
@@ -109,27 +251,26 @@ class OptimizerConfig:
     """Token budget per micro-batch instead of a fixed count: length-sorted rows are packed while
     rows x (longest prompt + completion) stays within it (verl's dynamic batch size); less
     padding, so a faster update; the update is the same. None: grad_accumulation micro-batches."""
-
     compile_update: bool = False
-    """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels
-    (on CPU the step went from 0.49x to 0.45x TRL's, benchmarks/bench_trainer.py
-    --compile-update) after a one-off compile of ~30 s; for long runs. Rollouts, evaluation and
-    checkpoints use the plain model."""
+    """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
+    a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
+    Rollouts, evaluation and checkpoints use the plain model."""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        """Raise a one-line ValueError for an impossible setting."""
-        if self.lr < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("optim.lr, optim.weight_decay and optim.max_grad_norm must be >= 0")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)} must both be in [0, 1)")
-        if self.warmup_steps < 0 or self.grad_accumulation < 1:
-            raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accumulation >= 1")
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
-            raise ValueError(
-                f"optim.micro_batch_tokens={self.micro_batch_tokens} must be >= 1 or null"
-            )
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"optim.mini_batch_size={self.mini_batch_size} must be >= 1 or null")
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("optim", self)
+        check("lr", self.lr >= 0, "must be >= 0")
+        check("betas", all(0 <= b < 1 for b in self.betas), "both must be in [0, 1)")
+        check("weight_decay", self.weight_decay >= 0, "must be >= 0")
+        check("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        check("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)")
+        mini, tokens = self.mini_batch_size, self.micro_batch_tokens
+        check("mini_batch_size", mini is None or mini >= 1, "must be >= 1 or null")
+        check("grad_accumulation", self.grad_accumulation >= 1, "must be >= 1")
+        check("micro_batch_tokens", tokens is None or tokens >= 1, "must be >= 1 or null")
 
 
 @dataclass
@@ -161,14 +302,62 @@ class RunConfig:
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda" or "cuda:N"."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise a one-line ValueError for an impossible setting."""
-        if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError("run.steps and run.prompts_per_step must be >= 1")
-        if min(self.eval_every, self.save_every, self.log_samples_every, self.num_samples) < 0:
-            raise ValueError("run.eval_every, save_every, log_samples_every, num_samples: >= 0")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"run.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("run", self)
+        check("steps", self.steps >= 1, "must be >= 1")
+        check("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1")
+        for key in ("eval_every", "save_every", "log_samples_every", "num_samples"):
+            check(key, getattr(self, key) >= 0, "must be >= 0")
+        check("out_dir", bool(self.out_dir.strip()), "must name a folder")
+        name_ok = self.name is None or (bool(self.name.strip()) and "/" not in self.name)
+        check("name", name_ok, "must be a folder name without '/', or null")
+        cuda_n = self.device.startswith("cuda:") and self.device[5:].isdigit()
+        check(
+            "device",
+            self.device in ("auto", "cpu", "cuda") or cuda_n,
+            "use auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate a policy on a held-out split."""
+
+    n_problems: int | None = None
+    """Evaluate n problems of the split (a fixed, evenly spaced subset); None = the whole split."""
+    k: int = 8
+    """Sampled completions per problem; also the k of pass@k. 0 = greedy only (no sampled metrics)."""
+    temperature: float = 1.0
+    """Sampling temperature of the k sampled completions (greedy decoding ignores it)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the sampled completions (1.0 = off)."""
+    max_new_tokens: int = 96
+    """Generation budget per completion; a completion that hits it is counted as truncated."""
+    batch_size: int = 64
+    """Completions generated per `generate` call (memory knob; results do not depend on it)."""
+    seed: int = 0
+    """Seed of the sampling generator used when the caller passes none (same seed, same samples)."""
+    greedy: bool = True
+    """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("eval", self)
+        n = self.n_problems
+        check("n_problems", n is None or n >= 1, "must be >= 1, or null for the whole split")
+        check("k", self.k >= 0, "must be >= 1 (or 0 for greedy only)")
+        check("k", self.k > 0 or self.greedy, "k=0 with eval.greedy=false evaluates nothing")
+        check("temperature", self.temperature > 0, "must be > 0 (greedy is eval.greedy)")
+        check("top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        check("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
+        check("batch_size", self.batch_size >= 1, "must be >= 1")
 
 
 SECTIONS = ("model", "task", "rollout", "algorithm", "optim", "run", "eval")
@@ -195,32 +384,39 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every section and the constraints between sections; return self."""
-        for name in ("task", "algorithm", "optim", "run"):
+        for name in SECTIONS:
             getattr(self, name).validate()
-        group_size, mb = self.rollout.group_size, self.optim.mini_batch_size
-        if group_size < 2:
-            raise ValueError(f"rollout.group_size={group_size}: group-relative methods need G >= 2")
-        if self.rollout.max_new_tokens < 1 or self.rollout.temperature <= 0:
-            raise ValueError("rollout.max_new_tokens must be >= 1 and rollout.temperature > 0")
-        batch = self.run.prompts_per_step * group_size
-        if mb is not None and (batch % mb or mb % group_size):
-            raise ValueError(
-                f"optim.mini_batch_size={mb} must divide the batch ({self.run.prompts_per_step} "
-                f"prompts x G={group_size} = {batch}) and be a multiple of G"
-            )
-        if (mb or batch) % self.optim.grad_accumulation:
-            raise ValueError(
-                f"optim.grad_accumulation={self.optim.grad_accumulation} must divide the "
-                f"mini-batch size {mb or batch}"
-            )
-        overlong = self.algorithm.length_reward == "dapo_overlong"
-        if overlong and self.algorithm.overlong_cache >= self.rollout.max_new_tokens:
-            raise ValueError("algorithm.overlong_cache must be < rollout.max_new_tokens")
+        rollout, run, algorithm, optim = self.rollout, self.run, self.algorithm, self.optim
+        check = _checker("rollout", rollout)
+        check("group_size", rollout.group_size >= 2, "group-relative methods need G >= 2")
+        check("temperature", rollout.temperature > 0, "training needs > 0 (0 is greedy decoding)")
+        batch = run.prompts_per_step * rollout.group_size
+        mini = optim.mini_batch_size
+        fits = mini is None or (batch % mini == 0 and mini % rollout.group_size == 0)
+        check = _checker("optim", optim)
+        check(
+            "mini_batch_size",
+            fits,
+            f"must divide the batch ({run.prompts_per_step} prompts x "
+            f"G={rollout.group_size} = {batch}) and be a multiple of G",
+        )
+        divides = (mini or batch) % optim.grad_accumulation == 0
+        check("grad_accumulation", divides, f"must divide the mini-batch size {mini or batch}")
+        overlong_ok = (
+            algorithm.length_reward != "dapo_overlong"
+            or algorithm.overlong_cache < rollout.max_new_tokens
+        )
+        check = _checker("algorithm", algorithm)
+        check(
+            "overlong_cache",
+            overlong_ok,
+            f"must be < rollout.max_new_tokens={rollout.max_new_tokens}",
+        )
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists): what config.yaml holds."""
-        return {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -260,7 +456,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
+    return TrainConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``section.key=value`` in the nested dict `data` (in place; returned), the value
+    read as YAML: ``["run.steps=5"]`` sets ``data["run"]["steps"] = 5``."""
+    for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
@@ -273,4 +475,248 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(section, dict):
             raise ValueError(f"config section '{parts[0]}' must be a mapping, got {section!r}")
         section[parts[1]] = value
-    return TrainConfig.from_dict(data)
+    return data
+
+
+# ---- the other commands' settings -------------------------------------------------------------
+
+
+@dataclass
+class PretrainConfig:
+    """SFT of the embedded checkpoint: a tiny Qwen2 on arithmetic traces (same config + seed = same
+    weights)."""
+
+    output_dir: str = str(EMBEDDED_MODEL_DIR)
+    """Folder to write model, tokenizer and card into (created if missing, files overwritten)."""
+    seed: int = 0
+    """Seeds the weights init, the SFT data stream and the sampling of the measurement."""
+    steps: int = 2000
+    """Optimizer steps (each on a fresh batch of traces)."""
+    batch_size: int = 64
+    """Traces per optimizer step."""
+    learning_rate: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10% of it)."""
+    warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    hidden_size: int = 128
+    """Transformer width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (multi-head, no grouped KV)."""
+    intermediate_size: int = 512
+    """MLP width."""
+    level_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    """Sampling weight of each difficulty level 1..5 in the SFT data."""
+    max_verbosity: int = 3
+    """Each trace gets uniformly 0..max_verbosity redundant segments (re-checks, restatements)."""
+    error_rate: float = 0.03
+    """Probability that a step of an SFT trace is a slip (the answer is then wrong too)."""
+    eval_problems: int = 200
+    """Eval-split problems measured after training (spread evenly over the levels); 0 skips it."""
+    group_size: int = 8
+    """Samples per eval prompt (G) for pass@1 and the group-kind fractions."""
+    max_new_tokens: int = 96
+    """Generation limit of the measurement (completions without EOS count as wrong)."""
+    eval_batch_size: int = 128
+    """Sequences generated at once during the measurement."""
+    num_threads: int = 2
+    """torch CPU threads (fixed, since thread count can change float reduction order)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker("", self)
+        weights = self.level_weights
+        weights_ok = len(weights) == len(ARITHMETIC_LEVELS) and min(weights) >= 0 < sum(weights)
+        check(
+            "level_weights", weights_ok, f"needs {len(ARITHMETIC_LEVELS)} numbers >= 0, not all 0"
+        )
+        for key in (
+            "steps",
+            "batch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "group_size",
+            "max_new_tokens",
+            "eval_batch_size",
+            "num_threads",
+        ):
+            check(key, getattr(self, key) >= 1, "must be >= 1")
+        for key in ("warmup_steps", "max_verbosity", "eval_problems"):
+            check(key, getattr(self, key) >= 0, "must be >= 0")
+        check("learning_rate", self.learning_rate > 0, "must be > 0")
+        check("weight_decay", self.weight_decay >= 0, "must be >= 0")
+        heads_ok = self.hidden_size % self.num_heads == 0
+        check("hidden_size", heads_ok, f"must be divisible by num_heads={self.num_heads}")
+        check("error_rate", 0 <= self.error_rate < 1, "must be in [0, 1)")
+
+
+@dataclass
+class ReproduceConfig:
+    """The main job: GRPO vs AGPO and the ablations, over seeds, each run a `TrainConfig` made of
+    the base config plus the method's overrides; results with intervals and figures."""
+
+    name: str | None = None
+    """Results go to <out_dir>/<name>/ (None: "embedded", or "embedded-quick" with quick)."""
+    base_config: str = str(CONFIGS_DIR / "reproduce.yaml")
+    """YAML config shared by every run (the budget: steps, prompts per step, G, lr, eval)."""
+    methods: tuple[str, ...] = ("grpo", "agpo", "agpo_adv_only", "length_only", "dr_grpo")
+    """Methods to run, by name (agpo_lab.experiments.methods.METHODS)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds per method (the same seeds for every method)."""
+    out_dir: str = "results"
+    """Parent folder of the results."""
+    jobs: int = 2
+    """Runs in parallel (processes); each gets cpu_count // jobs threads."""
+    quick: bool = False
+    """Smoke-test budget (a few steps, one seed): checks the pipeline, is not a result."""
+    docs: bool = True
+    """A full (non-quick) run copies its table and main figures into docs/results for the README."""
+    docs_dir: str = str(DOCS_RESULTS_DIR)
+    """Where `docs` copies them."""
+    overrides: list[str] = field(default_factory=list)
+    """Extra section.key=value overrides applied to every run (after the method's)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def results_name(self) -> str:
+        """The name of the results folder: `name`, or the default for the budget."""
+        return self.name or ("embedded-quick" if self.quick else "embedded")
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting (the method names are
+        checked against the registry by `agpo_lab.experiments.reproduce`, before any run)."""
+        check = _checker("", self)
+        unique = len(set(self.methods)) == len(self.methods)
+        check("methods", bool(self.methods) and unique, "name at least one method, each once")
+        check("seeds", bool(self.seeds), "name at least one seed")
+        check("jobs", self.jobs >= 1, "must be >= 1")
+        check("base_config", Path(self.base_config).is_file(), "file not found; pass a YAML config")
+        for item in self.overrides:
+            well_formed = "=" in item and "." in item.partition("=")[0]
+            check("overrides", well_formed, f"{item!r} must look like section.key=value")
+
+
+# ---- reading values and documenting keys ------------------------------------------------------
+
+
+def build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    """Instantiate a section dataclass from YAML values, checking key names and value types."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid: {', '.join(valid)}")
+    kwargs = {k: coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"section '{name}': {err}") from None
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type `tp`, or raise a one-line ValueError.
+
+    Numbers must be finite: `.inf`, `.nan` and overflowing literals such as 1e400 are rejected.
+    Example: ``coerce("3e-5", float, "optim.lr") == 3e-5`` (YAML reads 3e-5 as a string).
+    """
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list like [a, b]")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{key}={value!r}: expected {len(args)} values")
+            return tuple(coerce(v, a, key) for v, a in zip(value, args))
+        item_type = args[0] if args else Any
+        return origin(coerce(v, item_type, key) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp in (int, float):
+        written = value
+        if isinstance(value, str):
+            try:
+                value = float(value) if tp is float else int(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r}: expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={written!r}: expected a finite number")
+        if tp is int and float(value) != int(value):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        return tp(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively (YAML-safe)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name.
+
+    Example: ``field_docs(RunConfig)["steps"] == "RL steps (one rollout batch and its updates each)."``
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def describe_keys(sections: tuple[str, ...] = SECTIONS, width: int = 100) -> str:
+    """Every ``section.key`` of a TrainConfig with its default and docstring (`--help` text)."""
+    hints = typing.get_type_hints(TrainConfig)
+    lines = []
+    for name in sections:
+        cls = hints[name]
+        lines.append(f"{name}: {inspect.getdoc(cls)}")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            head = f"  {name}.{f.name}={yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix('...').strip()}"
+            body = textwrap.fill(
+                docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+            lines += [head, body]
+    return "\n".join(lines)

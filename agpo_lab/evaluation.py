@@ -6,59 +6,20 @@ Three layers, each usable alone from a notebook:
     summarize_records(records, k)                             -> {"eval/...": float}
     evaluate(...) = summarize_records(evaluate_records(...))
 
-`agpo-lab eval RUN_OR_MODEL` (`agpo_lab.eval_cli.eval_main`) runs the same thing on a run directory
-or a model.
+`agpo-lab eval RUN_OR_MODEL` runs the same thing on a run directory or a model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import pandas as pd
 import torch
 
-from agpo_lab.tasks.base import Problem, Task
-
-CORRECT_SCORE = 1.0
-"""A completion counts as correct when its task score reaches this (the Task protocol's 'correct')."""
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """How to evaluate a policy on a held-out split."""
-
-    n_problems: int | None = None
-    """Evaluate n problems of the split (a fixed, evenly spaced subset); None = the whole split."""
-    k: int = 8
-    """Sampled completions per problem; also the k of pass@k. 0 = greedy only (no sampled metrics)."""
-    temperature: float = 1.0
-    """Sampling temperature of the k sampled completions (greedy decoding ignores it)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold of the sampled completions (1.0 = off)."""
-    max_new_tokens: int = 96
-    """Generation budget per completion; a completion that hits it is counted as truncated."""
-    batch_size: int = 64
-    """Completions generated per `generate` call (memory knob; results do not depend on it)."""
-    seed: int = 0
-    """Seed of the sampling generator used when the caller passes none (same seed, same samples)."""
-    greedy: bool = True
-    """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
-
-    def __post_init__(self) -> None:
-        if self.n_problems is not None and self.n_problems < 1:
-            raise ValueError(f"EvalConfig.n_problems={self.n_problems}: use a positive int or None")
-        if self.k < 0:
-            raise ValueError(f"EvalConfig.k={self.k}: use k >= 1 (or 0 for greedy only)")
-        if self.k == 0 and not self.greedy:
-            raise ValueError("EvalConfig: k=0 with greedy=False evaluates nothing; set one of them")
-        if self.temperature <= 0:
-            raise ValueError(f"EvalConfig.temperature={self.temperature}: must be > 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"EvalConfig.top_p={self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("EvalConfig: max_new_tokens and batch_size must be >= 1")
+from agpo_lab.config import EvalConfig, RolloutConfig
+from agpo_lab.rollout import generate
+from agpo_lab.tasks.base import Problem, Task, is_correct
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -108,8 +69,6 @@ def _generate_rows(
     `rollout.generate` draws one completion per prompt string, so each prompt is repeated
     `samples_per_prompt` times; temperature 0 is its greedy decoding.
     """
-    from agpo_lab.rollout import RolloutConfig, generate
-
     rollout_cfg = RolloutConfig(
         temperature=0.0 if greedy else cfg.temperature,
         top_p=1.0 if greedy else cfg.top_p,
@@ -144,6 +103,7 @@ def evaluate_records(
     Generation runs in eval mode (no dropout); the model's train/eval mode is left as it was.
     """
     cfg = cfg or EvalConfig()
+    cfg.validate()
     problems = select_problems(problems, cfg.n_problems)
     if not problems:
         raise ValueError("evaluate: the problem list is empty; check the task's eval split")
@@ -170,7 +130,7 @@ def evaluate_records(
                     "tokens": tokens,
                     "truncated": truncated,
                     "score": score,
-                    "correct": score >= CORRECT_SCORE,
+                    "correct": is_correct(score),
                 }
             )
     return pd.DataFrame.from_records(records)

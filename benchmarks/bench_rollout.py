@@ -10,7 +10,7 @@ never emits EOS:
   (with --model, the model's own EOS behaviour is used instead): the realistic case, where our
   loop drops finished rows from the batch and `model.generate` keeps decoding them as padding.
 
-Ours runs three times: as configured by default (eager, agpo_lab.fast_decode's lean decode step),
+Ours runs three times: as configured by default (eager, agpo_lab.rollout.fast_decode's lean decode step),
 with `RolloutConfig(compile_decode=True)`, whose one-off compile time shows in the "warm-up s"
 column (the untimed first run) and not in tokens/s, and with `fast_decode=False` (the transformers
 forward inside our loop), which shows what the lean step adds.
@@ -47,7 +47,8 @@ PROMPTS = ["12+34=", "7*8=", "(5+6)*2=", "99-45=", "3+4*5=", "81/9=", "1+1=", "2
 def build_model(model_path: str | None, device: str):
     """The benchmark model and tokenizer: a local model folder, or a ~1M-param random Qwen2."""
     if model_path:
-        from agpo_lab.models.loading import ModelConfig, load_policy
+        from agpo_lab.config import ModelConfig
+        from agpo_lab.models.loading import load_policy
 
         return load_policy(ModelConfig(name_or_path=model_path, dtype="float32"), device)
     from agpo_lab.models.tiny import build_tiny_causal_lm
@@ -94,7 +95,8 @@ def generated_tokens(completions: torch.Tensor, eos_id: int) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     """Time one implementation on one case in this process; return the figures as a dict."""
-    from agpo_lab.rollout import RolloutConfig, generate
+    from agpo_lab.config import RolloutConfig
+    from agpo_lab.rollout import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = build_model(args.model, device)

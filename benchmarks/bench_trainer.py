@@ -218,7 +218,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
 
     from agpo_lab.config import TrainConfig
     from agpo_lab.models.loading import load_tokenizer
-    from agpo_lab.trainer import Trainer
+    from agpo_lab.training.trainer import Trainer
 
     tokenizer = load_tokenizer(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)  # loaded as TRL loads it

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny in-process models, the shared benchmark data, and the gpu marker."""
+"""Shared test fixtures and helpers: tiny in-process models, a stand-in task and a small training
+config for trainer tests, the shared benchmark data, and the gpu marker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from agpo_lab.config import TrainConfig, load_config
+from agpo_lab.tasks.base import Problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -57,3 +61,43 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class ParityTask:
+    """Stand-in task a random model half-solves: correct when the completion has even length.
+
+    Problems whose number is a multiple of 3 are 'always solved' (score 1 whatever the text), which gives
+    homogeneous groups for the zero-variance tests.
+    """
+
+    name = "parity"
+
+    def __init__(self, n: int = 40) -> None:
+        self._problems = [Problem(id=f"p{i}", question=str(i), answer="0") for i in range(n)]
+
+    def problems(self, split: str) -> list[Problem]:
+        return self._problems[:20] if split == "train" else self._problems[20:]
+
+    def format_prompt(self, problem: Problem, tokenizer=None) -> str:
+        return f"q:{problem.question}\n"
+
+    def score(self, completion: str, problem: Problem) -> float:
+        return 1.0 if int(problem.question) % 3 == 0 or len(completion) % 2 == 0 else 0.0
+
+
+def make_config(model_dir, out_dir, *overrides) -> TrainConfig:
+    """A 2-step CPU run of 4 prompts x G=4 on the model at `model_dir`, written to out_dir/run."""
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}", f"run.out_dir={out_dir}", "run.name=run",
+            "run.steps=2", "run.prompts_per_step=4", "rollout.group_size=4",
+            "rollout.max_new_tokens=12", "optim.lr=3e-3", "run.device=cpu", "run.save_every=0",
+            "run.log_samples_every=1", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics without the timing ones (perf/*), which legitimately differ between runs."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]

@@ -49,14 +49,19 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
     return written
 
 
+HANG_GUARD_S = 1800
+"""Per-cell limit: only a hung kernel reaches it (a cell with small settings takes seconds, also
+on a loaded machine); it turns a hang into a failure instead of a stuck test run."""
+
+
 def run_notebook(
-    path: Path, overrides: dict, figure_dir: Path, timeout_s: int = 600
+    path: Path, overrides: dict, figure_dir: Path
 ) -> tuple[nbformat.NotebookNode, list[Path]]:
     """Execute `path` with `overrides` injected; return the executed notebook and figure paths."""
     notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
     client = NotebookClient(
         notebook,
-        timeout=timeout_s,
+        timeout=HANG_GUARD_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )

@@ -1,4 +1,5 @@
-"""agpo_lab.analysis: reward tables and group outcomes from records, reproduce results helpers."""
+"""agpo_lab.experiments analysis helpers: reward tables and group outcomes from records, the
+ablation arms, reading eval records of a results folder."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from agpo_lab.analysis import (
-    ablation_arms,
-    ablation_table,
-    group_outcomes_by_level,
-    load_eval_records,
-    reward_table,
-)
+from agpo_lab.experiments.ablation import ablation_arms, ablation_table
+from agpo_lab.experiments.results import load_eval_records
+from agpo_lab.experiments.zero_variance import group_outcomes_by_level, reward_table
 
 
 def make_records(groups: dict[str, tuple[int, list[bool]]], greedy: bool = True) -> pd.DataFrame:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agpo_lab.config import TrainConfig, load_config
-from agpo_lab.tasks.registry import TaskConfig, build_task
+from agpo_lab.config import TaskConfig, TrainConfig, load_config
+from agpo_lab.tasks.registry import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

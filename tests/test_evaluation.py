@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
@@ -10,9 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agpo_lab.eval_cli import eval_main, load_for_eval
+from agpo_lab.config import EvalConfig
 from agpo_lab.evaluation import (
-    EvalConfig,
     evaluate,
     evaluate_records,
     pass_at_k,
@@ -72,8 +70,9 @@ def test_pass_at_k_rejects_impossible_arguments(n, c, k):
      {"max_new_tokens": 0}, {"batch_size": 0}],
 )  # fmt: skip
 def test_eval_config_rejects_impossible_values(kwargs):
-    with pytest.raises(ValueError, match="EvalConfig"):
+    with pytest.raises(ValueError, match=r"^eval\.") as info:
         EvalConfig(**kwargs)
+    assert "\n" not in str(info.value)
 
 
 def test_select_problems_is_evenly_spaced_and_fixed():
@@ -227,88 +226,3 @@ def test_evaluate_leaves_training_mode_as_it_was(tiny_qwen2, char_tokenizer):
         tiny_qwen2, char_tokenizer, task, task.problems("eval"), EvalConfig(k=0, max_new_tokens=2)
     )
     assert tiny_qwen2.training
-
-
-# ---- CLI --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("target", ["/nonexistent/run", "{tmp}"])
-def test_eval_main_bad_path_is_one_line_exit_2(target, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        eval_main([target.format(tmp=tmp_path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("agpo-lab eval: error:") and err.count("\n") == 1
-
-
-def test_eval_main_on_a_model_folder_writes_json(tiny_qwen2, char_tokenizer, tmp_path, capsys):
-    tiny_qwen2.save_pretrained(tmp_path / "model")
-    char_tokenizer.save_pretrained(tmp_path / "model")
-    out, records = tmp_path / "eval.json", tmp_path / "records.csv"
-    argv = [str(tmp_path / "model"), "--n", "5", "--k", "2", "--max-new-tokens", "4",
-            "--out", str(out), "--records", str(records)]  # fmt: skip
-    eval_main(argv)
-    metrics = json.loads(out.read_text())
-    assert metrics["eval/n_problems"] == 5 and metrics["eval/k"] == 2
-    assert set(metrics) >= {"eval/pass@1_greedy", "eval/pass@1_sampled", "eval/pass@k",
-                            "eval/mean_tokens", "eval/truncated_frac"}  # fmt: skip
-    assert len(pd.read_csv(records)) == 5 * 3
-    assert "eval/pass@1_greedy" in capsys.readouterr().out
-
-
-def test_load_for_eval_keeps_the_char_tokenizer_of_a_model_folder(
-    tiny_qwen2, char_tokenizer, tmp_path
-):
-    # A folder with a qwen2 config.json must not turn the char tokenizer into Qwen2Tokenizer
-    # (whose byte-level pre-tokenizer drops the prompt's newline).
-    tiny_qwen2.save_pretrained(tmp_path)
-    char_tokenizer.save_pretrained(tmp_path)
-    _, tokenizer, run_cfg, _ = load_for_eval(str(tmp_path))
-    assert run_cfg is None
-    text = "q:12+7-5\n"
-    assert tokenizer(text)["input_ids"] == char_tokenizer(text)["input_ids"]
-
-
-def test_eval_main_on_a_run_directory_uses_its_latest_checkpoint(
-    tiny_qwen2, char_tokenizer, tmp_path
-):
-    import copy
-
-    import torch
-
-    from agpo_lab.config import TrainConfig
-    from agpo_lab.runs import save_checkpoint
-    from agpo_lab.tasks.arithmetic import ArithmeticTask
-
-    tiny_qwen2.save_pretrained(tmp_path / "base")
-    char_tokenizer.save_pretrained(tmp_path / "base")
-    run = tmp_path / "run"
-    run.mkdir()
-    TrainConfig.from_dict(
-        {"model": {"name_or_path": str(tmp_path / "base")}, "task": {"n_train": 5, "n_eval": 5},
-         "eval": {"k": 2, "max_new_tokens": 6}}
-    ).save(run / "config.yaml")  # fmt: skip
-    trained = copy.deepcopy(tiny_qwen2)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(torch.randn_like(p))
-    base_weights = dict(tiny_qwen2.named_parameters())
-    save_checkpoint(run / "checkpoints" / "step_000001.safetensors", base_weights, {"step": 1})
-    save_checkpoint(
-        run / "checkpoints" / "step_000002.safetensors",
-        dict(trained.named_parameters()),
-        {"step": 2},
-    )
-
-    eval_main([str(run), "--records", str(tmp_path / "records.csv")])
-    metrics = json.loads((run / "eval.json").read_text())  # the default output of a run
-    assert metrics["eval/n_problems"] == 5 and metrics["eval/k"] == 2  # the run's eval settings
-
-    task = ArithmeticTask(seed=0, n_train=5, n_eval=5)
-    cfg = EvalConfig(k=2, max_new_tokens=6)
-    expected = evaluate_records(trained, char_tokenizer, task, task.problems("eval"), cfg)
-    base = evaluate_records(tiny_qwen2, char_tokenizer, task, task.problems("eval"), cfg)
-    texts = pd.read_csv(tmp_path / "records.csv", keep_default_na=False)["text"].tolist()
-    assert texts == expected["text"].tolist()
-    assert texts != base["text"].tolist()  # the checkpoint's weights were loaded, not the base's

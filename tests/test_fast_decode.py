@@ -1,4 +1,4 @@
-"""agpo_lab.fast_decode: the lean decode step computes what the transformers forward computes."""
+"""agpo_lab.rollout.fast_decode: the lean decode step computes what the transformers forward computes."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from agpo_lab import fast_decode
-from agpo_lab.fast_decode import FastDecoder
-from agpo_lab.rollout import RolloutConfig, generate
-from agpo_lab.sampling import cache_kwarg, positions_from_mask, preallocate
+from agpo_lab.config import RolloutConfig
+from agpo_lab.rollout import fast_decode, generate
+from agpo_lab.rollout.fast_decode import FastDecoder
+from agpo_lab.rollout.inputs import positions_from_mask
+from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
 
 SIZES = dict(
     vocab_size=58,

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from agpo_lab.models.loading import ModelConfig, load_policy, load_reference
+from agpo_lab.config import ModelConfig, RolloutConfig
+from agpo_lab.models.loading import load_policy
 from agpo_lab.models.tokenizer import build_char_tokenizer
-from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
+from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.training.reference import load_reference
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,5 +1,5 @@
 """GPU recipes: every agpo_lab-format YAML under configs/ validates, TRL recipes parse with TRL's own
-parser, the verl script names the AGPO estimator; agpo_lab.memory counts parameters exactly and
+parser, the verl script names the AGPO estimator; agpo_lab.models.memory counts parameters exactly and
 docs/scaling.md's memory table is its output (so the table cannot drift from the estimator)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import transformers
 import yaml
 
 from agpo_lab.config import SECTIONS, load_config
-from agpo_lab.memory import (
+from agpo_lab.models.memory import (
     GIB,
     QWEN25,
     Workload,
@@ -81,11 +81,11 @@ def test_verl_script_selects_agpo_not_grpo():
 
 
 def test_memory_table_in_docs_is_the_estimators_output():
-    """docs/scaling.md shows exactly what `python -m agpo_lab.memory configs/gpu/*.yaml` prints."""
+    """docs/scaling.md shows exactly what `python -m agpo_lab.models.memory configs/gpu/*.yaml` prints."""
     doc = (ROOT / "docs" / "scaling.md").read_text()
     table = memory_table(sorted((ROOT / "configs" / "gpu").glob("*.yaml")))
     assert table.count("\n") == 5 and table in doc
-    assert "python -m agpo_lab.memory configs/gpu/*.yaml" in doc
+    assert "python -m agpo_lab.models.memory configs/gpu/*.yaml" in doc
 
 
 PUBLISHED_BILLIONS = {

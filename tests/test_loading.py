@@ -12,17 +12,13 @@ import pytest
 import torch
 import transformers
 
+from agpo_lab.config import ModelConfig, RolloutConfig
 from agpo_lab.models import EMBEDDED_MODEL_DIR
-from agpo_lab.models.loading import (
-    ModelConfig,
-    hub_reachable,
-    load_policy,
-    load_reference,
-    resolve_dtype,
-)
+from agpo_lab.models.loading import hub_reachable, load_policy, resolve_dtype
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
-from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
+from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.training.reference import load_reference
 
 
 def build_tiny(tok) -> torch.nn.Module:

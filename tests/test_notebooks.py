@@ -75,7 +75,7 @@ def test_runner_injects_small_settings_and_saves_figures(tmp_path):
     notebook.cells = [params, plot]
     path = tmp_path / "probe.ipynb"
     nbformat.write(notebook, path)
-    executed, figures = run_notebook(path, SMALL_SETTINGS, tmp_path / "figs", timeout_s=120)
+    executed, figures = run_notebook(path, SMALL_SETTINGS, tmp_path / "figs")
     assert executed.cells[1].metadata["tags"] == ["injected-parameters"]
     stream = [o for o in executed.cells[2].outputs if o.output_type == "stream"]
     assert stream[0].text.strip() == "small"

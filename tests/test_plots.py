@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agpo_lab import plots
+from agpo_lab.experiments import plots
 
 
 def _fake_metrics() -> pd.DataFrame:

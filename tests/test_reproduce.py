@@ -7,29 +7,34 @@ import math
 import pandas as pd
 import pytest
 
-from agpo_lab import reproduce
-from agpo_lab.report import summarize, to_markdown
-from agpo_lab.stats import t_critical_95
+from agpo_lab.cli import main
+from agpo_lab.config import ReproduceConfig
+from agpo_lab.experiments import reproduce
+from agpo_lab.experiments.methods import METHODS, REFERENCE
+from agpo_lab.experiments.report import summarize, to_markdown
+from agpo_lab.experiments.stats import t_critical_95
 
 
 def test_plan_has_reference_and_every_method_seed_pair(tmp_path):
-    cfg = reproduce.ReproduceConfig(out_dir=str(tmp_path), seeds=(0, 1, 2))
+    cfg = ReproduceConfig(out_dir=str(tmp_path), seeds=(0, 1, 2))
     jobs = reproduce.plan_jobs(cfg)
-    assert len(jobs) == (1 + len(reproduce.METHODS)) * 3
+    assert len(jobs) == (1 + len(METHODS)) * 3
     agpo = next(j for j in jobs if j.method == "agpo" and j.seed == 1)
     assert "algorithm.estimator=agpo" in agpo.overrides
     assert "algorithm.length_reward=agpo" in agpo.overrides
     assert agpo.run_dir == tmp_path / "embedded" / "runs" / "agpo" / "seed1"
-    quick = reproduce.plan_jobs(reproduce.ReproduceConfig(quick=True, seeds=(4, 5)))
+    quick = reproduce.plan_jobs(ReproduceConfig(quick=True, seeds=(4, 5)))
     assert {j.seed for j in quick} == {4}
-    assert all("run.steps=3" in j.overrides for j in quick if j.method != reproduce.REFERENCE)
+    assert all("run.steps=3" in j.overrides for j in quick if j.method != REFERENCE)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown methods"):
-        reproduce.ReproduceConfig(methods=("ppo",)).validate()
-    with pytest.raises(FileNotFoundError, match="base config"):
-        reproduce.ReproduceConfig(base_config=str(tmp_path / "nope.yaml")).validate()
+    with pytest.raises(ValueError, match="unknown; valid: grpo"):
+        reproduce.plan_jobs(ReproduceConfig(methods=("ppo",)))
+    with pytest.raises(ValueError, match="base_config=.*file not found"):
+        ReproduceConfig(base_config=str(tmp_path / "nope.yaml"))
+    with pytest.raises(ValueError, match="seeds"):
+        ReproduceConfig(seeds=())
 
 
 def test_summary_statistics_by_hand():
@@ -57,8 +62,9 @@ def test_summary_statistics_by_hand():
 
 @pytest.mark.slow
 def test_quick_reproduce_end_to_end_and_skip_on_rerun(tmp_path):
-    argv = ["--quick", "--out", str(tmp_path), "--no-docs", "--methods", "grpo", "agpo"]
-    assert reproduce.main(argv) == 0
+    argv = ["reproduce", "--quick", "--out-dir", str(tmp_path), "--no-docs", "--methods", "grpo",
+            "agpo"]  # fmt: skip
+    assert main(argv) == 0
     root = tmp_path / "embedded-quick"
     summary = pd.read_csv(root / "summary.csv")
     assert list(summary["method"]) == ["start", "grpo", "agpo"]
@@ -75,5 +81,5 @@ def test_quick_reproduce_end_to_end_and_skip_on_rerun(tmp_path):
     assert len(metrics[metrics["step"] > 0]) == 3
     results = sorted(root.glob("runs/*/seed0/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    assert reproduce.main(argv) == 0  # everything complete: nothing is trained again
+    assert main(argv) == 0  # everything complete: nothing is trained again
     assert [p.stat().st_mtime_ns for p in results] == stamps

@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from agpo_lab.runs import (
-    RunDir,
-    find_latest_checkpoint,
-    load_checkpoint,
-    load_metrics,
-    load_samples,
-    save_checkpoint,
-)
+from agpo_lab.training.checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from agpo_lab.training.run_dir import RunDir, load_metrics, load_samples
 
 
 def _optimizer_with_state():

@@ -1,16 +1,11 @@
-"""Tests of agpo_lab.sampling: top-k / top-p filters, token sampling, positions, left padding."""
+"""Tests of agpo_lab.rollout.sampling and .inputs: top-k / top-p filters, token sampling, positions, left padding."""
 
 from __future__ import annotations
 
 import torch
 
-from agpo_lab.sampling import (
-    filter_top_k,
-    filter_top_p,
-    left_pad,
-    positions_from_mask,
-    sample_next_token,
-)
+from agpo_lab.rollout.inputs import left_pad, positions_from_mask
+from agpo_lab.rollout.sampling import filter_top_k, filter_top_p, sample_next_token
 
 
 def test_filter_top_k_worked_example():

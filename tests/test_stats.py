@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from agpo_lab.stats import mean_ci95, ratio_ci95, t_critical_95
+from agpo_lab.experiments.stats import mean_ci95, ratio_ci95, t_critical_95
 
 
 def test_mean_ci95_hand_computed():

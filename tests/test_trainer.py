@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-from agpo_lab.config import load_config
-from agpo_lab.runs import find_latest_checkpoint, load_checkpoint, load_metrics
-from agpo_lab.tasks.base import Problem
-from agpo_lab.trainer import Trainer
+from agpo_lab.training.checkpoints import find_latest_checkpoint, load_checkpoint
+from agpo_lab.training.run_dir import load_metrics
+from agpo_lab.training.trainer import Trainer
+from tests.conftest import ParityTask, comparable, make_config
 
 REQUIRED_KEYS = [
     "reward/mean", "reward/std", "reward/accuracy", "zero_var/frac", "zero_var/all_correct",
@@ -22,45 +22,6 @@ REQUIRED_KEYS = [
     "clip/frac_high", "policy/entropy", "policy/ratio_first_epoch_max_dev", "optim/grad_norm",
     "optim/lr", "perf/tokens_per_s", "perf/step_seconds",
 ]  # fmt: skip
-
-
-class ParityTask:
-    """Stand-in task a random model half-solves: correct when the completion has even length.
-
-    Problems whose number is a multiple of 3 are 'always solved' (score 1 whatever the text), which gives
-    homogeneous groups for the zero-variance tests.
-    """
-
-    name = "parity"
-
-    def __init__(self, n: int = 40) -> None:
-        self._problems = [Problem(id=f"p{i}", question=str(i), answer="0") for i in range(n)]
-
-    def problems(self, split: str) -> list[Problem]:
-        return self._problems[:20] if split == "train" else self._problems[20:]
-
-    def format_prompt(self, problem: Problem, tokenizer=None) -> str:
-        return f"q:{problem.question}\n"
-
-    def score(self, completion: str, problem: Problem) -> float:
-        return 1.0 if int(problem.question) % 3 == 0 or len(completion) % 2 == 0 else 0.0
-
-
-def make_config(model_dir, out_dir, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.name_or_path={model_dir}", f"run.out_dir={out_dir}", "run.name=run",
-            "run.steps=2", "run.prompts_per_step=4", "rollout.group_size=4",
-            "rollout.max_new_tokens=12", "optim.lr=3e-3", "run.device=cpu", "run.save_every=0",
-            "run.log_samples_every=1", *overrides,
-        ],
-    )  # fmt: skip
-
-
-def comparable(rows):
-    """Metrics without the timing ones (perf/*), which legitimately differ between runs."""
-    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
 def test_a_few_steps_log_every_metric(tiny_model_dir, tmp_path):

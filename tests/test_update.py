@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from agpo_lab.algorithms.loss import policy_loss
-from agpo_lab.config import load_config
-from agpo_lab.rollout import RolloutConfig, completion_logprobs, generate
-from agpo_lab.trainer import Trainer
-from agpo_lab.trainer_utils import RowBatch, micro_batches
-from tests.test_trainer import ParityTask, comparable, make_config
+from agpo_lab.config import RolloutConfig, load_config
+from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.training.batch import RowBatch
+from agpo_lab.training.planning import micro_batches, plan_update
+from agpo_lab.training.trainer import Trainer
+from tests.conftest import ParityTask, comparable, make_config
 
 
 def test_micro_batches_sort_by_length_and_pack_to_a_budget():
@@ -62,7 +63,7 @@ def test_rollout_entropy_equals_the_loss_forward_entropy(char_tokenizer):
 def _gradient_of_update(trainer: Trainer, batch: RowBatch) -> list[torch.Tensor]:
     """The gradient the trainer's update hands to its optimizer (the step itself is skipped)."""
     grads = []
-    trainer.optimizer.step = lambda: grads.append([p.grad.clone() for p in trainer.params])
+    trainer.state.optimizer.step = lambda: grads.append([p.grad.clone() for p in trainer.params])
     trainer._update(batch)
     return grads[0]
 
@@ -118,6 +119,7 @@ def test_micro_batch_tokens_must_be_positive(tmp_path):
         load_config(None, ["optim.micro_batch_tokens=0"])
 
 
+@pytest.mark.slow
 def test_compiled_update_gives_the_same_metrics(tiny_model_dir, tmp_path):
     runs = []
     for compiled in ("false", "true"):
@@ -128,3 +130,75 @@ def test_compiled_update_gives_the_same_metrics(tiny_model_dir, tmp_path):
         for key, value in eager.items():
             if isinstance(value, float):
                 assert compiled[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
+def _hand_batch(advantages, active, completion_lengths, width: int = 6) -> RowBatch:
+    """A RowBatch of one-token prompts with the given per-row completion lengths."""
+    n = len(advantages)
+    lengths = torch.tensor(completion_lengths)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    return RowBatch(
+        prompt_ids=torch.ones(n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n, 1, dtype=torch.long),
+        completion_ids=torch.ones(n, width, dtype=torch.long),
+        completion_mask=mask,
+        old_logprobs=torch.zeros(n, width),
+        advantages=torch.tensor(advantages, dtype=torch.float),
+        active=torch.tensor(active),
+    )
+
+
+def test_plan_update_worked_example_from_its_docstring():
+    batch = _hand_batch([1.0, -1.0, 0.0, 0.0], [True] * 4, [3, 2, 4, 5])
+    plan = plan_update(batch, epochs=1, mini_batch_rows=4, grad_accumulation=2)
+    assert len(plan.steps) == 1 and plan.steps[0].first
+    passes = plan.steps[0].micro_batches
+    assert [p.rows.tolist() for p in passes] == [[1], [0]]  # shortest first
+    assert [p.share for p in passes] == [0.25, 0.25]
+    assert [c.tolist() for c in plan.reference_chunks] == [[1, 0], [2, 3]]  # every row
+    with_kl = plan_update(batch, epochs=1, mini_batch_rows=4, grad_accumulation=2, beta=0.1)
+    assert sorted(r for p in with_kl.steps[0].micro_batches for r in p.rows.tolist()) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+def test_plan_update_weights_shuffles_and_skips():
+    # rows 0-3: a dropped group (no weight); rows 4-7: a mixed group
+    batch = _hand_batch([0.0] * 4 + [1.0, -1.0, 1.0, -1.0], [False] * 4 + [True] * 4,
+                        [1, 2, 3, 4, 2, 4, 1, 3])  # fmt: skip
+    by_tokens = plan_update(batch, epochs=1, mini_batch_rows=8, token_mean=True)
+    (step,) = by_tokens.steps
+    assert step.micro_batches[0].share == pytest.approx(1.0)  # all of the active tokens
+    assert sorted(step.micro_batches[0].rows.tolist()) == [4, 5, 6, 7]
+    # mini-batches of 4 shuffled rows, two epochs
+    gen = torch.Generator().manual_seed(0)
+    plan = plan_update(batch, epochs=2, mini_batch_rows=4, generator=gen)
+    again = plan_update(
+        batch, epochs=2, mini_batch_rows=4, generator=torch.Generator().manual_seed(0)
+    )
+    rows = [[p.rows.tolist() for p in s.micro_batches] for s in plan.steps]
+    assert rows == [[p.rows.tolist() for p in s.micro_batches] for s in again.steps]  # seeded
+    replay, expected = torch.Generator().manual_seed(0), []
+    for epoch in range(2):  # the same permutations: a mini-batch with no active row is skipped
+        order = torch.randperm(8, generator=replay)
+        expected += [epoch for start in (0, 4) if (order[start : start + 4] >= 4).any()]
+    assert [s.epoch for s in plan.steps] == expected
+    assert [s.first for s in plan.steps] == [True] + [False] * (len(plan.steps) - 1)
+    for step in plan.steps:  # shares are each pass's fraction of its mini-batch's active rows
+        active = sum(r >= 4 for p in step.micro_batches for r in p.rows.tolist())
+        assert sum(p.share for p in step.micro_batches) == pytest.approx(active / max(active, 1))
+
+
+def test_plan_update_under_ddp_computes_every_row_in_as_many_passes_as_the_busiest_process():
+    batch = _hand_batch([1.0, 0.0, 0.0, 0.0], [True] * 4, [3, 2, 4, 5])
+    plan = plan_update(batch, epochs=1, mini_batch_rows=4, token_budget=100,
+                       compute_all_rows=True, max_over_processes=lambda n: 3)  # fmt: skip
+    passes = plan.steps[0].micro_batches
+    assert len(passes) == 3
+    assert sorted(r for p in passes for r in p.rows.tolist()) == [0, 1, 2, 3]
+    nowhere = plan_update(_hand_batch([0.0] * 2, [False] * 2, [1, 1]), epochs=1,
+                          mini_batch_rows=2, sum_over_processes=lambda total: total)  # fmt: skip
+    assert nowhere.steps == []  # no weight on any process: no optimizer step

@@ -24,7 +24,8 @@ from agpo_lab.tasks.verify import (
 )
 
 TIMEOUT_S = 1.0
-SLACK_S = 1.0  # kill + pipe round trip, on a shared 2-core machine
+# kill + restart + pipe round trip on a loaded 2-core machine; an unbounded check runs over 20 s
+SLACK_S = 3.0
 
 
 @pytest.fixture(scope="module", autouse=True)

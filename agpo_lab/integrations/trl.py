@@ -26,6 +26,9 @@ from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
 from agpo_lab.algorithms import agpo_advantage, agpo_length_reward, group_stats
+from agpo_lab.config import TaskConfig
+from agpo_lab.tasks.base import CORRECT_SCORE, Problem
+from agpo_lab.tasks.registry import build_task
 
 SUPPORTED_TRL = "1.16.0"
 TRL_EPS = 1e-4  # TRL's std epsilon, so that mixed groups match its GRPO advantage exactly
@@ -45,7 +48,7 @@ class AGPOConfig(GRPOConfig):
     """Also give the length reward inside all-correct groups (an ablation; paper's code: False)."""
     correctness_reward: str | None = None
     """Name of the reward function that says correct / wrong (None: the first reward function)."""
-    correct_threshold: float = 1.0
+    correct_threshold: float = CORRECT_SCORE
     """A completion is correct when the correctness reward is >= this."""
     intermediate: str = "zero"
     """Homogeneous group strictly between r_min and r_max: "zero" (GRPO) or "midpoint_sign"."""
@@ -201,9 +204,6 @@ def build_trainer(script: AGPOScriptArguments, args: AGPOConfig, model_args) -> 
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import get_peft_config
-
-    from agpo_lab.tasks.base import Problem
-    from agpo_lab.tasks.registry import TaskConfig, build_task
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, padding_side="left")
     tasks = {}

@@ -1,8 +1,6 @@
-"""Tokenizer, model loading, tiny models from a config, and the SFT that makes the embedded model."""
+"""Models: loading any causal LM (+ LoRA), the character tokenizer, tiny models from a config, and
+the GPU-memory estimate of a recipe."""
 
-from pathlib import Path
-
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded"
-"""Where the shipped tiny model and tokenizer live (a folder loadable with `from_pretrained`)."""
+from agpo_lab.paths import EMBEDDED_MODEL_DIR
 
 __all__ = ["EMBEDDED_MODEL_DIR"]

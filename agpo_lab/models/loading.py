@@ -1,27 +1,24 @@
-"""Load any `transformers` causal LM as the policy (full fine-tuning or LoRA) and its KL reference.
+"""Load any `transformers` causal LM as the policy (full fine-tuning or LoRA), with its tokenizer.
 
-The reference policy for the KL term is a frozen deep copy under full fine-tuning; under LoRA it is
-the same network with its adapters switched off (peft's `disable_adapter()`), so no second copy of
-the weights is kept. With beta = 0 there is no KL term and no reference at all.
+`model.name_or_path` is "embedded" (the shipped tiny model), a local folder, or a hub id; a hub id
+that cannot be reached within a few seconds becomes its local HF-cache snapshot, or a one-line error
+that says to pass a local folder.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from agpo_lab.models import EMBEDDED_MODEL_DIR
-from agpo_lab.rollout import completion_logprobs, eval_mode
+from agpo_lab.config import ModelConfig
+from agpo_lab.paths import EMBEDDED_MODEL_DIR
 
 DTYPES = {
     "float32": torch.float32,
@@ -34,33 +31,7 @@ DTYPES = {
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 HUB_TIMEOUT_S = 3.0
 """Seconds the hub gets to accept a connection before a hub id counts as unreachable (offline,
-huggingface_hub's own retries take 25 to 50 s before failing)."""
-
-
-@dataclass
-class ModelConfig:
-    """Which model to train and how."""
-
-    name_or_path: str = "embedded"
-    """Local model folder or hub id; "embedded" = the shipped tiny model (EMBEDDED_MODEL_DIR)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
-    lora: bool = False
-    """Train LoRA adapters (peft) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank r."""
-    lora_alpha: int = 32
-    """LoRA scale numerator: the update is (alpha / r) * B A."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
-    lora_target_modules: list[str] | str = "all-linear"
-    """Module names that get adapters, or "all-linear" (every linear layer but the output head)."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass to save memory; None = on for CUDA, off on CPU."""
-    trust_remote_code: bool = False
-    """Run modelling code shipped with a hub model; only set it for a model you trust."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: sdpa, eager, flash_attention_2, ..."""
+huggingface_hub's own retries take much longer before failing)."""
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -82,7 +53,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise FileNotFoundError(
                 f"the embedded model is missing at {EMBEDDED_MODEL_DIR}; build it with "
-                "agpo_lab.models.pretrain or set model.name_or_path to a local model folder"
+                "`agpo-lab pretrain` or set model.name_or_path to a local model folder"
             )
         return str(EMBEDDED_MODEL_DIR)
     path = Path(name_or_path).expanduser()
@@ -219,8 +190,6 @@ def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        if cfg.lora_r < 1:
-            raise ValueError(f"model.lora_r must be >= 1, got {cfg.lora_r}")
         lora_cfg = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -232,50 +201,8 @@ def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.
     return model, tokenizer
 
 
-class ReferencePolicy:
-    """The KL reference: a frozen model, or the LoRA policy with its adapters switched off."""
-
-    def __init__(self, model: torch.nn.Module, *, disable_adapters: bool = False):
-        self.model = model
-        self.disable_adapters = disable_adapters
-
-    @torch.no_grad()
-    def logprobs(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-        *,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
-        """Reference log-probs [B, C] of the completion tokens (0 on padding), without gradients."""
-        adapters_off = self.model.disable_adapter() if self.disable_adapters else nullcontext()
-        with eval_mode(self.model), adapters_off:
-            return completion_logprobs(
-                self.model,
-                prompt_ids,
-                prompt_mask,
-                completion_ids,
-                completion_mask,
-                temperature=temperature,
-            )
-
-
-def load_reference(
-    policy: torch.nn.Module, cfg: ModelConfig, beta: float
-) -> ReferencePolicy | None:
-    """The reference for a KL weight `beta`: None when beta == 0 (nothing kept in memory)."""
-    if beta < 0:
-        raise ValueError(f"beta (KL weight) must be >= 0, got {beta}")
-    if beta == 0:
-        return None
-    if cfg.lora:
-        if not hasattr(policy, "disable_adapter"):
-            raise ValueError(
-                "model.lora is set but the policy is not a peft model; load it with load_policy"
-            )
-        return ReferencePolicy(policy, disable_adapters=True)
-    frozen = copy.deepcopy(policy).eval()
-    frozen.requires_grad_(False)
-    return ReferencePolicy(frozen)
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0, so that training-mode log-probs equal sampling ones."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

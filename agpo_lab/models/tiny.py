@@ -1,7 +1,7 @@
 """Tiny random causal LMs built in-process from a config: no hub download, same seed = same weights.
 
 The one place that turns "a tokenizer and a few sizes" into a Qwen2 or Llama model. The tests, the
-benchmarks and the SFT script that makes the embedded checkpoint (`agpo_lab.models.pretrain`) all
+benchmarks and the SFT script that makes the embedded checkpoint (`agpo_lab.experiments.pretrain`) all
 build their models here, so an architecture detail (tied embeddings, grouped KV heads, the special
 token ids) is decided once.
 """

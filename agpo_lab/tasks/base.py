@@ -7,7 +7,22 @@ embedded arithmetic task and the real math datasets are interchangeable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+CORRECT_SCORE = 1.0
+"""A completion is correct when its task score reaches this; scores live in [0, 1]."""
+
+Score = TypeVar("Score")
+
+
+def is_correct(score: Score) -> Score:
+    """Whether a task score (a float, or a tensor / array of them) means a correct completion.
+
+    The one definition of "correct" that rewards, metrics, evaluation and model cards share:
+    ``score >= CORRECT_SCORE``. Example: ``is_correct(1.0) is True``; on a tensor of scores
+    [1.0, 0.0, 0.5] it gives [True, False, False].
+    """
+    return score >= CORRECT_SCORE
 
 
 @dataclass(frozen=True)
@@ -44,5 +59,6 @@ class Task(Protocol):
         ...
 
     def score(self, completion: str, problem: Problem) -> float:
-        """Correctness reward in [0, 1] (1.0 correct); never evaluates model text; time-bounded."""
+        """Correctness reward in [0, 1] (`is_correct` says which scores are correct); never
+        evaluates model text; time-bounded."""
         ...

@@ -1,46 +1,26 @@
 """Tables and figures of a reproduce run: one row per method, intervals over seeds.
 
-Reads what the runs wrote (result.json per run, metrics.jsonl, eval_records.csv) so that a report
-can be rebuilt from a results folder alone: ``write_report(root, load_results(root))``.
+Reads what the runs wrote (`results`: result.json per run, metrics.jsonl, eval_records.csv) so that
+a report can be rebuilt from a results folder alone:
+``write_report(root, load_results(root), baseline="grpo", reference="start")``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from agpo_lab import plots
-from agpo_lab.analysis import load_eval_records
-from agpo_lab.runs import load_metrics
-from agpo_lab.stats import mean_ci95, ratio_ci95
+from agpo_lab.experiments import plots
+from agpo_lab.experiments.results import load_eval_records, load_training_metrics
+from agpo_lab.experiments.stats import mean_ci95, ratio_ci95
 
 ACCURACY = "eval/pass@1_sampled"
 """The headline accuracy: held-out pass@1 of sampled completions (temperature of the eval config)."""
 FINAL_WINDOW = 0.2
 """Final zero-variance fraction = mean over the last 20% of training steps."""
-
-
-def load_results(root: Path) -> pd.DataFrame:
-    """All result.json files under root/runs as a frame (one row per method and seed)."""
-    paths = sorted(Path(root).glob("runs/*/seed*/result.json"))
-    if not paths:
-        raise FileNotFoundError(f"no runs/*/seed*/result.json under {root}; run reproduce first")
-    return pd.DataFrame([json.loads(p.read_text()) for p in paths])
-
-
-def load_training_metrics(root: Path, methods: list[str]) -> pd.DataFrame:
-    """Per-step training metrics of every run, with method and seed columns."""
-    frames = []
-    for run_dir in sorted(Path(root).glob("runs/*/seed*")):
-        method, seed = run_dir.parent.name, int(run_dir.name.removeprefix("seed"))
-        if method in methods and (run_dir / "metrics.jsonl").exists():
-            frame = load_metrics(run_dir)
-            frames.append(frame[frame["step"] > 0].assign(method=method, seed=seed))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _fmt(mean: float, half: float, digits: int) -> str:

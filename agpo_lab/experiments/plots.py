@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from agpo_lab.experiments.zero_variance import zero_variance_probability
+
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Reward", ("reward/mean",), "mean reward per completion"),
     ("Training accuracy", ("reward/accuracy",), "fraction of completions correct"),
@@ -129,19 +131,6 @@ def plot_length_distributions(
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def zero_variance_probability(p: np.ndarray | float, group_size: int) -> np.ndarray:
-    """P(a group of G completions has zero reward variance) = p^G + (1-p)^G for 0/1 rewards.
-
-    Example: p = 0.5, G = 8 gives 2 * 0.5^8 = 0.0078; p = 0.9, G = 8 gives 0.430.
-    """
-    if group_size < 1:
-        raise ValueError(f"zero_variance_probability: group_size must be >= 1, got {group_size}")
-    p = np.asarray(p, dtype=float)
-    if np.any((p < 0) | (p > 1)):
-        raise ValueError("zero_variance_probability: p must lie in [0, 1]")
-    return p**group_size + (1 - p) ** group_size
 
 
 def plot_zero_variance_probability(

@@ -1,102 +1,34 @@
 """SFT that makes the embedded checkpoint: a tiny Qwen2 trained on arithmetic traces.
 
-    python -m agpo_lab.models.pretrain --output-dir data/embedded      (same as `agpo-lab pretrain`)
+    agpo-lab pretrain --output-dir data/embedded          (settings: `config.PretrainConfig`)
 
 Each step draws a fresh batch of train-split questions over all difficulty levels, writes a trace
 for each with a random number of redundant segments (0..max_verbosity, so verbosity is a choice the
 model learns to sample, not something the prompt asks for) and an occasional wrong step, and
 minimises the cross-entropy of the completion tokens (prompt tokens are masked). Afterwards the
 checkpoint is measured on the eval split at temperature 1.0 with G samples per prompt
-(`agpo_lab.models.card.measure`), and the folder gets the weights, the tokenizer, a card
-(README.md, `agpo_lab.models.card.render_card`) and its statistics (card.json).
+(`card.measure`), and the folder gets the weights, the tokenizer, a card (README.md,
+`card.render_card`) and its statistics (card.json).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import random
-import shlex
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from agpo_lab.models import EMBEDDED_MODEL_DIR
-from agpo_lab.models.card import measure, portable_path, render_card
+from agpo_lab.config import PretrainConfig
+from agpo_lab.experiments.card import measure, portable_path, render_card
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
-from agpo_lab.tasks.arithmetic import (
-    LEVELS,
-    ArithmeticTask,
-    sample_problem,
-    write_trace,
-)
-
-
-@dataclass
-class PretrainConfig:
-    """Everything that determines the embedded checkpoint (same config + seed = same weights)."""
-
-    output_dir: str = str(EMBEDDED_MODEL_DIR)
-    """Folder to write model, tokenizer and card into (created if missing, files overwritten)."""
-    seed: int = 0
-    """Seeds the weights init, the SFT data stream and the sampling of the measurement."""
-    steps: int = 2000
-    """Optimizer steps (each on a fresh batch of traces)."""
-    batch_size: int = 64
-    """Traces per optimizer step."""
-    learning_rate: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10% of it)."""
-    warmup_steps: int = 100
-    """Steps of linear learning-rate warm-up."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    hidden_size: int = 128
-    """Transformer width."""
-    num_layers: int = 4
-    """Transformer blocks."""
-    num_heads: int = 4
-    """Attention heads (multi-head, no grouped KV)."""
-    intermediate_size: int = 512
-    """MLP width."""
-    level_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
-    """Sampling weight of each difficulty level 1..5 in the SFT data."""
-    max_verbosity: int = 3
-    """Each trace gets uniformly 0..max_verbosity redundant segments (re-checks, restatements)."""
-    error_rate: float = 0.03
-    """Probability that a step of an SFT trace is a slip (the answer is then wrong too)."""
-    eval_problems: int = 200
-    """Eval-split problems measured after training (spread evenly over the levels); 0 skips it."""
-    group_size: int = 8
-    """Samples per eval prompt (G) for pass@1 and the group-kind fractions."""
-    max_new_tokens: int = 96
-    """Generation limit of the measurement (completions without EOS count as wrong)."""
-    eval_batch_size: int = 128
-    """Sequences generated at once during the measurement."""
-    num_threads: int = 2
-    """torch CPU threads (fixed, since thread count can change float reduction order)."""
-
-    def validate(self) -> None:
-        """Raise a one-line ValueError on an unusable setting."""
-        if len(self.level_weights) != len(LEVELS) or min(self.level_weights) < 0:
-            raise ValueError(f"level_weights needs {len(LEVELS)} non-negative numbers")
-        if sum(self.level_weights) <= 0:
-            raise ValueError("level_weights must not all be zero")
-        positive = ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "group_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
-        if not 0.0 <= self.error_rate < 1.0:
-            raise ValueError(f"error_rate must be in [0, 1), got {self.error_rate}")
+from agpo_lab.tasks.arithmetic import LEVELS, ArithmeticTask, sample_problem, write_trace
 
 
 def build_model(config: PretrainConfig, tokenizer: Any) -> PreTrainedModel:
@@ -192,7 +124,7 @@ def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
     tokenizer.save_pretrained(out)
 
     card: dict[str, Any] = {
-        "command": command or "python -m agpo_lab.models.pretrain (called from Python)",
+        "command": command or "agpo_lab.experiments.pretrain.pretrain (called from Python)",
         "config": {**dataclasses.asdict(config), "output_dir": portable_path(out)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
@@ -215,33 +147,3 @@ def pretrain(config: PretrainConfig, command: str | None = None) -> Path:
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "README.md").write_text(render_card(card))
     return out
-
-
-def parse_args(argv: list[str] | None) -> PretrainConfig:
-    """Command-line flags, one per `PretrainConfig` field (``--level-weights 1,1,1,1,1``)."""
-    parser = argparse.ArgumentParser(prog="agpo-lab pretrain", description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(PretrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = str if field.name == "level_weights" else type(field.default)
-        parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
-    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if "level_weights" in values:
-        try:
-            values["level_weights"] = tuple(float(x) for x in values["level_weights"].split(","))
-        except ValueError:
-            parser.error("--level-weights takes comma-separated numbers, e.g. 1,1,1,1,1")
-    return PretrainConfig(**values)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``agpo-lab pretrain`` and ``python -m agpo_lab.models.pretrain``."""
-    argv = sys.argv[1:] if argv is None else argv
-    config = parse_args(argv)
-    command = " ".join(["python -m agpo_lab.models.pretrain", *map(shlex.quote, argv)]).strip()
-    out = pretrain(config, command=command)
-    print(f"wrote {out}")
-    print((out / "README.md").read_text())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,16 @@
-"""The row batch the loss consumes, and preparing a policy and its optimizer for RL training."""
+"""The row batch the loss consumes: one row per completion, G consecutive rows per group.
+
+A rollout becomes a `RowBatch` once its rewards and advantages are known; the update selects rows
+of it (`select`), trims the padding a micro-batch does not need (`trimmed`), and DAPO-style dynamic
+sampling swaps whole groups (`replace_groups`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import partial
 
 import torch
 from torch import Tensor
-
-from agpo_lab.algorithms.loss import policy_loss
 
 
 @dataclass
@@ -108,90 +109,9 @@ class RowBatch:
         return both.select(rows.flatten().to(self.advantages.device))
 
 
-def micro_batches(
-    rows: Tensor,
-    prompt_lengths: Tensor,
-    completion_lengths: Tensor,
-    count: int,
-    token_budget: int | None = None,
-) -> list[Tensor]:
-    """Split one mini-batch's row indices into micro-batches of rows of similar length.
-
-    Rows are sorted by prompt + completion length (stable), so that a micro-batch trimmed to its
-    longest prompt and completion (`RowBatch.trimmed`) carries little padding. Without
-    `token_budget`: `count` micro-batches of near-equal row counts (fewer if there are fewer rows).
-    With it: consecutive sorted rows are packed while rows x (longest prompt + longest completion)
-    stays within the budget, at least one row each (verl's dynamic batch size); then `count` is
-    ignored. prompt_lengths / completion_lengths are indexed by row id.
-    Example: rows [0, 1, 2, 3], prompts all 1, completions [4, 8, 5, 7]: count 2 ->
-    [[0, 2], [3, 1]]; token_budget 12 -> [[0, 2], [3], [1]] (3 rows of width 8 would be 24).
-    """
-    if rows.numel() == 0:
-        return []
-    rows = rows[(prompt_lengths[rows] + completion_lengths[rows]).argsort(stable=True)]
-    if token_budget is None:
-        return list(rows.tensor_split(min(count, rows.numel())))
-    chunks, start, longest_prompt, longest_completion = [], 0, 0, 0
-    for i, (p, c) in enumerate(
-        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist())
-    ):
-        p, c = max(longest_prompt, p), max(longest_completion, c)
-        if i > start and (i - start + 1) * (p + c) > token_budget:
-            chunks.append(rows[start:i])
-            start, (p, c) = i, (prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item())
-        longest_prompt, longest_completion = p, c
-    return [*chunks, rows[start:]]
-
-
-def configured_loss(algorithm, max_len: int) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """`policy_loss` with the clip, KL and aggregation settings of an AlgorithmConfig bound."""
-    a = algorithm
-    return partial(
-        policy_loss,
-        clip_low=a.clip_low,
-        clip_high=a.clip_high,
-        beta=a.beta,
-        kl_estimator=a.kl_estimator,
-        aggregation=a.aggregation,
-        max_len=max_len,
-    )
-
-
-def reference_logprobs(
-    reference, batch: RowBatch, chunks: list[Tensor], temperature: float
-) -> Tensor | None:
-    """Frozen reference log-probs [B, C] of the batch (no gradient), computed over trimmed
-    micro-batches `chunks`; None without a reference (beta = 0)."""
-    if reference is None:
-        return None
-    ref = torch.zeros_like(batch.old_logprobs)
-    for chunk in chunks:
-        logps = reference.logprobs(
-            *batch.select(chunk).trimmed().model_inputs, temperature=temperature
-        )
-        ref[chunk, : logps.shape[1]] = logps
-    return ref
-
-
 def _pad(t: Tensor, width: int, value: float, left: bool) -> Tensor:
     extra = width - t.shape[1]
     if extra == 0:
         return t
     pad = t.new_full((t.shape[0], extra), value)
     return torch.cat([pad, t] if left else [t, pad], dim=1)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0, so that training-mode log-probs equal sampling ones."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier after s optimizer steps: min(1, (s + 1) / warmup_steps), or 1
-    without warm-up (for `torch.optim.lr_scheduler.LambdaLR`).
-
-    Example: linear_warmup(4) gives 0.25, 0.5, 0.75, 1.0, 1.0, ... for s = 0, 1, 2, ...
-    """
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0

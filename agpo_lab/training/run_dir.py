@@ -8,8 +8,9 @@
       final/                      the trained policy as a plain `from_pretrained` folder
 
 Every write either appends a flushed line or replaces a whole file atomically (write a temporary
-file, then `os.replace`), so a crash never leaves a half-written checkpoint and never destroys one
-that exists. Unreadable files give a one-line error naming the file.
+file, then `os.replace`), so a crash never leaves a half-written file and never destroys one that
+exists. Unreadable files give a one-line error naming the file. The checkpoint file format is in
+`agpo_lab.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-_CHECKPOINT = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 class RunDir:
@@ -73,50 +68,6 @@ class RunDir:
     def checkpoint_path(self, step: int) -> Path:
         """Where the checkpoint after `step` completed steps lives."""
         return self.checkpoint_dir / f"step_{step:06d}.safetensors"
-
-
-def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: Any) -> Path:
-    """Write named tensors plus a nested `state` (dicts, lists, numbers, tensors) atomically.
-
-    Tensors inside `state` (optimizer moments, RNG states) are stored as safetensors entries and
-    the rest as JSON in the file's metadata, so everything needed for an exact resume sits in one
-    file. Example: ``save_checkpoint(p, {"w": w}, {"step": 3, "rng": gen.get_state()})``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stored = {f"tensor/{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
-    skeleton = _encode(state, stored)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(stored, str(tmp), metadata={"agpo_lab_state": json.dumps(skeleton)})
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
-    """Inverse of `save_checkpoint`: (tensors, state). One-line error for a missing/corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-            skeleton = json.loads((f.metadata() or {})["agpo_lab_state"])
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:80]}); move it "
-            "away to resume from an earlier checkpoint"
-        ) from None
-    tensors = {k[len("tensor/") :]: v for k, v in stored.items() if k.startswith("tensor/")}
-    return tensors, _decode(skeleton, stored)
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the most completed steps in run_dir/checkpoints (None if there is none)."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [
-        (int(m.group(1)), p) for p in folder.glob("step_*") if (m := _CHECKPOINT.match(p.name))
-    ]
-    return max(found)[1] if found else None
 
 
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
@@ -175,32 +126,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _encode(obj: Any, stored: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of `obj`; tensors move into `stored` (non-str dict keys and tuples kept)."""
-    if isinstance(obj, torch.Tensor):
-        key = f"state/{len(stored)}"
-        stored[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        return {"__items__": [[_encode(k, stored), _encode(v, stored)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, stored) for v in obj]}
-    if isinstance(obj, list):
-        return [_encode(v, stored) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
-
-
-def _decode(obj: Any, stored: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, stored) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return stored[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_decode(v, stored) for v in obj["__tuple__"])
-        return {_decode(k, stored): _decode(v, stored) for k, v in obj["__items__"]}
-    return obj

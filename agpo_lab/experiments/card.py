@@ -2,8 +2,8 @@
 
 `measure` samples G completions per eval-split prompt at temperature 1.0 and returns pass@1, the
 group kinds (all correct / all wrong / mixed) and lengths, overall and per level; `render_card`
-turns those statistics into the card (README.md) that `agpo_lab.models.pretrain` writes next to
-the weights, with card.json.
+turns those statistics into the card (README.md) that `agpo_lab.experiments.pretrain` writes next
+to the weights, with card.json.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from agpo_lab.models import EMBEDDED_MODEL_DIR
+from agpo_lab.paths import REPO_ROOT
 from agpo_lab.tasks.arithmetic import ArithmeticTask, shortest_correct_trace
+from agpo_lab.tasks.base import is_correct
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def measure(
                 ended = tokenizer.eos_token_id in ids
                 ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                correct += int(ended and task.score(text, problem) == 1.0)
+                correct += int(ended and is_correct(task.score(text, problem)))
                 lengths.append(len(ids))
                 truncated += int(not ended)
             rows.append((problem.difficulty, correct, lengths, truncated, problem.question))
@@ -98,7 +99,7 @@ def _summarise(rows: list, problems: list, group_size: int) -> dict[str, Any]:
 def portable_path(path: Path) -> str:
     """`path` relative to the repository when inside it, so cards hold no machine paths."""
     try:
-        return str(path.resolve().relative_to(EMBEDDED_MODEL_DIR.parents[1]))
+        return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
 
@@ -109,7 +110,7 @@ def render_card(card: dict[str, Any]) -> str:
         "# agpo_lab embedded model",
         "",
         f"A {card['parameters'] / 1e6:.2f}M-parameter Qwen2 causal LM with a character tokenizer,",
-        "trained by `agpo_lab.models.pretrain` (SFT) on the embedded arithmetic task",
+        "trained by `agpo_lab.experiments.pretrain` (SFT) on the embedded arithmetic task",
         "(`agpo_lab.tasks.arithmetic`): traces with 0-3 redundant segments and occasional wrong steps.",
         "Prompt `q:<question>\\n`; a completion ends with `ans:<int>` then EOS.",
         "",

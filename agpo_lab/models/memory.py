@@ -1,6 +1,6 @@
 """Expected GPU memory of an RL run on a real model, from its config.json (no GPU needed).
 
-The project's one estimator: docs/scaling.md's table (`python -m agpo_lab.memory configs/gpu/*.yaml`
+The project's one estimator: docs/scaling.md's table (`python -m agpo_lab.models.memory configs/gpu/*.yaml`
 prints it) and notebook 05's chart come from here. Assumptions, from how agpo_lab trains (one
 process, N parameters, w bytes per weight: 2 for bf16 / fp16 and for "auto", bf16 on CUDA; 4 fp32):
 
@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agpo_lab.config import TrainConfig, load_config
 
 GIB = 2**30
 
@@ -154,7 +156,9 @@ class Workload:
     """Completion tokens (rollout.max_new_tokens)."""
 
     @classmethod
-    def from_config(cls, config, prompt_len: int = 256, processes: int = 1) -> Workload:
+    def from_config(
+        cls, config: TrainConfig, prompt_len: int = 256, processes: int = 1
+    ) -> Workload:
         """Read a TrainConfig the way the trainer does (micro-batch, rows per process, dtype)."""
         rows = config.run.prompts_per_step * config.rollout.group_size // processes
         mini = (config.optim.mini_batch_size or rows * processes) // processes
@@ -173,7 +177,9 @@ class Workload:
         )
 
 
-def estimate_memory_gib(arch: Architecture | str, work: Workload | Any = None) -> dict[str, float]:
+def estimate_memory_gib(
+    arch: Architecture | str, work: Workload | TrainConfig | None = None
+) -> dict[str, float]:
     """Peak GPU memory of one process by term, in GiB (the module docstring states the terms).
 
     `arch`: an Architecture or a name for `architecture_for`; `work`: a Workload, a TrainConfig
@@ -208,8 +214,6 @@ def estimate_memory_gib(arch: Architecture | str, work: Workload | Any = None) -
 
 def memory_table(config_paths: list[str | Path], prompt_len: int = 256) -> str:
     """A markdown table of the estimate (GiB, one decimal) for each agpo_lab config file."""
-    from agpo_lab.config import load_config
-
     columns = ["weights", "optimizer", "gradients", "activations", "logits", "rollout", "peak"]
     lines = ["| recipe | micro-batch | " + " | ".join(columns) + " |"]
     lines.append("| --- " * (len(columns) + 2) + "|")
@@ -222,5 +226,5 @@ def memory_table(config_paths: list[str | Path], prompt_len: int = 256) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m agpo_lab.memory configs/gpu/*.yaml
+if __name__ == "__main__":  # python -m agpo_lab.models.memory configs/gpu/*.yaml
     print(memory_table(sorted(sys.argv[1:])))

@@ -8,7 +8,6 @@ needs whole groups.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,9 +18,8 @@ from agpo_lab.algorithms.length_rewards import (
     dapo_overlong_penalty,
     kimi_length_penalty,
 )
-
-if TYPE_CHECKING:
-    from agpo_lab.config import AlgorithmConfig
+from agpo_lab.config import AlgorithmConfig
+from agpo_lab.tasks.base import is_correct
 
 
 def shaped_rewards(
@@ -29,11 +27,11 @@ def shaped_rewards(
 ) -> Tensor:
     """reward = score + length term (cfg.length_reward: none, agpo, kimi or dapo_overlong).
 
-    A completion counts as correct when its score is >= 1. Example: length_reward="none" gives
+    A completion is correct by `tasks.is_correct` (score >= 1). Example: length_reward="none" gives
     the scores unchanged; "dapo_overlong" with max_new_tokens=8, overlong_cache=4 subtracts
     (length - 4) / 4 from completions longer than 4 tokens (-1 at the limit).
     """
-    return scores + _length_term(scores >= 1.0, lengths, cfg, max_new_tokens)
+    return scores + _length_term(is_correct(scores), lengths, cfg, max_new_tokens)
 
 
 def _length_term(

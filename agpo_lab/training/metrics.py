@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from agpo_lab.algorithms.advantages import group_stats, is_homogeneous
+from agpo_lab.tasks.base import is_correct
 
 
 def _mean(values: Tensor) -> float | None:
@@ -37,7 +38,7 @@ def rollout_metrics(
     is homogeneous, i.e. the groups that give GRPO no gradient. Advantage stats are over active
     rows. Example: scores [[1, 1], [1, 0]] -> reward/accuracy 0.75, zero_var/all_correct 0.5.
     """
-    correct = scores >= 1.0
+    correct = is_correct(scores)
     stats = group_stats(scores, 0.0, 1.0)
     lengths = lengths.float()
     used = advantages[active]
@@ -63,7 +64,7 @@ def rollout_metrics(
 class UpdateStats:
     """Averages loss diagnostics over optimizer steps (each step's value is already the
     micro-batch-weighted mini-batch value; `summary` reports the loss, KL, clip and grad-norm
-    ones), plus the first-epoch ratio deviation (`observe_first_epoch`)."""
+    ones), plus the first-epoch ratio deviation (`observe_ratio`)."""
 
     def __init__(self, ratio_guard: RatioGuard | None = None) -> None:
         self.ratio_guard = ratio_guard
@@ -78,7 +79,7 @@ class UpdateStats:
                 self.counts[key] += 1
 
     @torch.no_grad()
-    def observe_first_epoch(self, logps: Tensor, mb, before_any_step: bool) -> None:
+    def observe_ratio(self, logps: Tensor, mb) -> None:
         """Before the first optimizer step, add max |exp(logp - old_logp) - 1| over the tokens of
         a micro-batch `mb` (a RowBatch).
 
@@ -87,7 +88,7 @@ class UpdateStats:
         Example: logps == mb.old_logprobs everywhere -> ratio_max_dev stays 0.0.
         """
         mask = mb.completion_mask > 0
-        if before_any_step and mask.any():
+        if mask.any():
             deviation = (logps[mask] - mb.old_logprobs[mask]).exp().sub(1).abs().max().item()
             self.ratio_max_dev = max(self.ratio_max_dev, deviation)
             if self.ratio_guard is not None:

@@ -1,15 +1,14 @@
-"""Batched sampling with a KV cache, per-token log-probs and truncation flags.
+"""The decoding loop: G completions per prompt with a KV cache, their log-probs and entropies.
 
-`generate` is a small decoding loop that calls the model's forward directly: prefill the left-padded
-prompts once, then one token per step from the KV cache. Rows that have emitted EOS leave the active
-batch (their cache rows are selected out), so the late tokens of long completions cost only the
-unfinished rows; plain transformers cache layers are swapped for preallocated ones so a step writes
-its keys in place instead of re-concatenating the cache. For Llama-family models the one-token
-step is `agpo_lab.fast_decode`'s lean decoder (same logits, fewer operations); with
-`RolloutConfig.compile_decode` it runs through `torch.compile`. `completion_logprobs` recomputes the same log-probs in
-one forward pass for the loss. Token filtering, sampling and the cache helpers live in
-`agpo_lab.sampling` (its docstring states the log-prob convention: log softmax(logits / T) of the
-full distribution; temperature 0 is greedy with T = 1 log-probs).
+`generate` calls the model's forward directly: prefill the left-padded prompts once, then one token
+per step from the KV cache. Rows that have emitted EOS leave the active batch (their cache rows are
+selected out), so the late tokens of long completions cost only the unfinished rows; the cache's
+layers are preallocated (`kv_cache`) so a step writes its keys in place. For Llama-family models the
+one-token step is `fast_decode`'s lean decoder (same logits, fewer operations); with
+`RolloutConfig.compile_decode` it runs through `torch.compile`. Token drawing and the log-prob
+convention (log softmax(logits / T) of the full distribution; temperature 0 is greedy with T = 1
+log-probs) are in `sampling`; `logprobs.completion_logprobs` recomputes the same log-probs in one
+forward pass for the loss.
 """
 
 from __future__ import annotations
@@ -18,48 +17,13 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from agpo_lab import fast_decode
-from agpo_lab.fast_decode import FastDecoder
-from agpo_lab.sampling import (  # noqa: F401  (filters, eval_mode: re-exported for callers)
-    cache_kwarg,
-    eval_mode,
-    filter_top_k,
-    filter_top_p,
-    left_pad,
-    positions_from_mask,
-    preallocate,
-    sample_next_token,
-    stop_token_ids,
-)
-
-
-@dataclass
-class RolloutConfig:
-    """Sampling settings for one batch of rollouts."""
-
-    group_size: int = 8
-    """G: completions per prompt. The trainer repeats each prompt G times; `generate` does not."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding (argmax, log-probs at T = 1)."""
-    top_p: float = 1.0
-    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p; 1 = off."""
-    top_k: int = 0
-    """Draw only from the k most likely tokens; 0 = off; 1 = greedy with T-scaled log-probs."""
-    max_new_tokens: int = 96
-    """Most tokens generated per completion (EOS included); a row that reaches it is `truncated`."""
-    fast_decode: bool = True
-    """Decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with agpo_lab.fast_decode's lean
-    one-token step: the same logits as the transformers forward (tested) at ~1.3x the rollout
-    tokens/s on small models (benchmarks/bench_rollout.py); other models always use the
-    transformers forward. False: always the latter."""
-    compile_decode: bool = False
-    """`torch.compile` the one-token decode step: fewer, fused kernels per token (on CPU measured
-    1.0-1.15x the rollout tokens/s of the eager fast step, 1.3-1.5x that of the transformers
-    forward; benchmarks/bench_rollout.py) after a one-off compile of ~10 s per process (one more if
-    the batch size was constant until then); for long training runs, not for a quick notebook
-    cell. Forward hooks on the model run only while compiling, not per step."""
+from agpo_lab.config import RolloutConfig
+from agpo_lab.rollout.fast_decode import FastDecoder
+from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
+from agpo_lab.rollout.inputs import eval_mode, left_pad, positions_from_mask, stop_token_ids
+from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+from agpo_lab.rollout.sampling import sample_next_token
 
 
 @dataclass
@@ -87,10 +51,6 @@ class Rollout:
     """Decoded completions, special tokens (EOS, padding) removed."""
 
 
-LOGPROB_CHUNK_ELEMENTS = 2**24
-"""Float32 logits (rows x tokens x vocabulary) turned into log-probs at once in the loss forward."""
-
-
 def _forward(runner: tuple, cache, tokens, positions, mask) -> torch.Tensor:
     """Logits [b, V] of one new token per row through the transformers forward;
     runner = (the model, the name of its cache argument)."""
@@ -104,7 +64,7 @@ def _forward(runner: tuple, cache, tokens, positions, mask) -> torch.Tensor:
 
 
 def _fast_forward(decoder: FastDecoder, cache, tokens, positions, mask) -> torch.Tensor:
-    """The same logits through agpo_lab.fast_decode (Llama-family models)."""
+    """The same logits through `FastDecoder` (Llama-family models)."""
     return decoder.step(cache, tokens, positions, mask)
 
 
@@ -147,7 +107,7 @@ def _decode(
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     preallocate(cache, steps)
     position, logits = position[:, -1], out.logits[:, -1]
-    fast = cfg.fast_decode and fast_decode.supported(model)
+    fast = cfg.fast_decode and fast_decode_supported(model)
     runner = FastDecoder(model) if fast else (model, cache_kwarg(model))
     forward = _fast_forward if fast else _forward
     for step in range(steps):
@@ -194,11 +154,7 @@ def generate(
     """
     if not prompts:
         raise ValueError("rollout.generate: `prompts` is empty; pass at least one prompt")
-    if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ValueError(
-            f"rollout.generate: bad RolloutConfig {cfg}; need max_new_tokens >= 1, "
-            "temperature >= 0, 0 < top_p <= 1, top_k >= 0"
-        )
+    cfg.validate()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
@@ -230,53 +186,3 @@ def generate(
         truncated=~torch.isin(last_token, stops),
         texts=tokenizer.batch_decode(completion_ids.tolist(), skip_special_tokens=True),
     )
-
-
-def completion_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs [B, C] of `completion_ids` after the prompts, in one forward pass.
-
-    log p_t = log softmax(logits_{t-1} / T)[token_t], 0 where completion_mask is 0; temperature 0
-    is read as 1 (greedy rollouts). With `return_entropy`, also the entropy [B, C] of that same
-    distribution, -sum_v p_v log p_v, without gradients (a metric; keeping its graph would hold
-    one more fp32 [C, V] tensor per row). Log-prob gradients flow unless under no_grad. Matches
-    `Rollout.logprobs` (to ~1e-5 in fp32) when the model is in eval mode, as during the rollout.
-    """
-    temperature = 1.0 if temperature == 0 else temperature
-    width = completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask.long(), (completion_mask > 0).long()], dim=1)
-    # Keep only the logits that predict completion tokens (the last prompt position onwards).
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
-    logprob_rows, entropy_rows = [], []
-    # Rows in chunks of at most LOGPROB_CHUNK_ELEMENTS float32 logits: a tiny vocabulary takes
-    # the whole batch in one op, a 150k vocabulary one row at a time (a bounded float32 copy).
-    rows_per_chunk = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
-    for chunk_logits, chunk_tokens in zip(
-        logits.split(rows_per_chunk), completion_ids.split(rows_per_chunk), strict=True
-    ):
-        logp = F.log_softmax(chunk_logits.float() / temperature, dim=-1)
-        logprob_rows.append(logp.gather(-1, chunk_tokens[..., None]).squeeze(-1))
-        if return_entropy:  # a logged metric: without a graph it keeps no [C, V] tensor alive
-            with torch.no_grad():
-                detached = logp.detach()
-                entropy_rows.append(-(detached.exp() * detached).sum(-1))
-    mask = completion_mask.float()
-    logprobs = torch.cat(logprob_rows) * mask
-    if return_entropy:
-        return logprobs, torch.cat(entropy_rows) * mask
-    return logprobs

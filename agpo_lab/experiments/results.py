@@ -1,0 +1,53 @@
+"""Reading a results folder (what `reproduce` writes) back as pandas frames.
+
+<root>/runs/<method>/seed<s>/result.json        final held-out metrics of one run
+<root>/runs/<method>/seed<s>/metrics.jsonl      its per-step training metrics
+<root>/runs/<method>/seed<s>/eval_records.csv   its held-out completions, one row each
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from agpo_lab.training.run_dir import load_metrics
+
+
+def load_results(root: Path) -> pd.DataFrame:
+    """All result.json files under root/runs as a frame (one row per method and seed)."""
+    paths = sorted(Path(root).glob("runs/*/seed*/result.json"))
+    if not paths:
+        raise FileNotFoundError(f"no runs/*/seed*/result.json under {root}; run reproduce first")
+    return pd.DataFrame([json.loads(p.read_text()) for p in paths])
+
+
+def load_training_metrics(root: Path, methods: list[str]) -> pd.DataFrame:
+    """Per-step training metrics of every run, with method and seed columns."""
+    frames = []
+    for run_dir in sorted(Path(root).glob("runs/*/seed*")):
+        method, seed = run_dir.parent.name, int(run_dir.name.removeprefix("seed"))
+        if method in methods and (run_dir / "metrics.jsonl").exists():
+            frame = load_metrics(run_dir)
+            frames.append(frame[frame["step"] > 0].assign(method=method, seed=seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_eval_records(root: str | Path, sampled_only: bool = True) -> pd.DataFrame:
+    """Every run's held-out completions under root/runs/<method>/seed<s>/eval_records.csv.
+
+    Adds method and seed columns; with `sampled_only` drops the greedy rows (the length figures
+    describe what the policy samples).
+    """
+    paths = sorted(Path(root).glob("runs/*/seed*/eval_records.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no runs/*/seed*/eval_records.csv under {root}; run reproduce")
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        if sampled_only:
+            frame = frame[~frame["greedy"].astype(bool)]
+        seed = int(path.parent.name.removeprefix("seed"))
+        frames.append(frame.assign(method=path.parent.parent.name, seed=seed))
+    return pd.concat(frames, ignore_index=True)

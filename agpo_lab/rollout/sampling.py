@@ -1,0 +1,71 @@
+"""Drawing the next token: top-k / top-p filtering and sampling with the log-prob convention.
+
+Log-prob convention (the same as TRL's GRPOTrainer): log-probs are those of the sampled token under
+the *temperature-scaled full* distribution, log softmax(logits / T); top-k / top-p truncation only
+decides which token is drawn, it does not renormalise the log-prob. `temperature == 0` means greedy
+decoding, and its log-probs are then those of the unscaled distribution (T = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf (k <= 0: unchanged).
+
+    Example: ``filter_top_k(tensor([[1., 3., 2.]]), 2) -> [[-inf, 3., 2.]]``.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sum reaches p; -inf elsewhere.
+
+    A token is dropped when the probability mass strictly before it (in sorted order) already
+    reaches p, so the most likely token always survives. Example with probabilities
+    [0.5, 0.3, 0.2] and p = 0.7: mass before each is [0, 0.5, 0.8], so the last one is dropped.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Draw one token per row from [b, V] logits; return (tokens [b], their log-probs [b]), and
+    with `return_entropy` also the entropy [b] of the distribution the log-probs come from.
+
+    The log-prob is log softmax(logits / T)[token], before top-k / top-p (see the module docstring);
+    temperature 0 is greedy (argmax) with T = 1 log-probs. Entropy: -sum_v p_v log p_v of that
+    same distribution (what the loss forward would report for the token, at no extra forward).
+    """
+    logits = logits.float()
+    scaled = logits if temperature == 0 else logits / temperature
+    logp = scaled.log_softmax(-1)
+    full_probs = logp.exp()
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        probs = full_probs  # the common case: no second softmax
+        if top_k > 0 or top_p < 1.0:
+            probs = filter_top_p(filter_top_k(scaled, top_k), top_p).softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if return_entropy:
+        return tokens, token_logp, -(full_probs * logp).nan_to_num().sum(-1)
+    return tokens, token_logp

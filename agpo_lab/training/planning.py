@@ -1,0 +1,155 @@
+"""Planning the update: which rows each optimizer step computes, in how many passes, with what weight.
+
+`plan_update` is a pure function of the batch and the settings (plus the data generator for the
+mini-batch shuffle): the trainer's update loop then only executes the plan. Three ideas live here:
+
+- **Mini-batches.** mu epochs over the rollout batch; each epoch shuffles whole rows into
+  mini-batches of `mini_batch_rows` (one optimizer step each), unless one mini-batch holds them all.
+- **Rows with no gradient are not computed.** With beta = 0 a row whose advantage is 0 has a loss of
+  exactly 0 for any ratio (min(rho * 0, clip(rho) * 0) = 0), and a dropped group's rows have no
+  loss at all; they get no forward and no backward, but their weight still counts in the
+  normaliser. A mini-batch of rows with no weight at all (only dropped groups) gets no optimizer
+  step either. Under DDP every process runs the same passes, so every row is computed there.
+- **Micro-batches of similar length.** The computed rows are sorted by length and split into
+  micro-batches (`micro_batches`); each pass's loss is weighted by its share of the mini-batch's
+  weight (a row's weight: 1 per active row, or its tokens under token_mean), so the gradient equals
+  the plain full-batch gradient (tests/test_update.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from agpo_lab.training.batch import RowBatch
+
+
+@dataclass
+class MicroBatch:
+    """One forward + backward pass."""
+
+    rows: Tensor
+    """Row ids of the batch, shortest first."""
+    share: float
+    """This pass's weight in its mini-batch loss: its rows' weight / the mini-batch's weight."""
+
+
+@dataclass
+class OptimizerStep:
+    """One AdamW step and the passes whose gradients it sums."""
+
+    epoch: int
+    """Inner epoch (0 .. mu - 1)."""
+    first: bool
+    """The update's first step: the policy has not moved since it sampled (the ratio check)."""
+    micro_batches: list[MicroBatch] = field(default_factory=list)
+    """The passes; none when every gradient is exactly 0 (Adam still takes its step)."""
+
+
+@dataclass
+class UpdatePlan:
+    """Everything the update loop does, in order."""
+
+    reference_chunks: list[Tensor]
+    """Micro-batches of all rows for the reference log-probs (beta > 0)."""
+    steps: list[OptimizerStep]
+    """The optimizer steps, in order."""
+
+
+def _identity(value: float) -> float:
+    return value
+
+
+def plan_update(
+    batch: RowBatch,
+    *,
+    epochs: int,
+    mini_batch_rows: int,
+    grad_accumulation: int = 1,
+    token_budget: int | None = None,
+    token_mean: bool = False,
+    beta: float = 0.0,
+    generator: torch.Generator | None = None,
+    compute_all_rows: bool = False,
+    sum_over_processes: Callable[[float], float] = _identity,
+    max_over_processes: Callable[[float], float] = _identity,
+) -> UpdatePlan:
+    """The optimizer steps of one update of `batch` (see the module docstring).
+
+    epochs: mu. mini_batch_rows: rows per optimizer step on this process. grad_accumulation /
+    token_budget: passes per step (`micro_batches`). token_mean: a row weighs its token count
+    (DAPO's token_mean aggregation), else 1. generator: draws one permutation per epoch when a
+    mini-batch holds fewer rows than the batch. compute_all_rows, sum_over_processes,
+    max_over_processes: what DDP needs (every process computes every row, agrees whether a
+    mini-batch has weight anywhere, and runs as many passes as the busiest one).
+
+    Example: one group of G=4 with advantages [1, -1, 0, 0], beta 0, one epoch, one mini-batch,
+    grad_accumulation 2 -> one step of two passes, one holding row 0 and one row 1, each with
+    share 1/4 (each active row weighs 1 of the mini-batch's 4); rows 2 and 3 are not computed.
+    """
+    rows = batch.advantages.numel()
+    device = batch.advantages.device
+    prompt_lengths, completion_lengths = batch.row_lengths()
+
+    def split(ids: Tensor, count: int) -> list[Tensor]:
+        return micro_batches(ids, prompt_lengths, completion_lengths, count, token_budget)
+
+    row_weight = batch.loss_mask.sum(1) if token_mean else batch.active.float()
+    computed = batch.active & ((batch.advantages != 0) | (beta > 0))
+    computed = computed | compute_all_rows
+    plan = UpdatePlan(split(torch.arange(rows, device=device), grad_accumulation), [])
+    for epoch in range(epochs):
+        order = torch.arange(rows)
+        if rows > mini_batch_rows:  # shuffle whole rows across mini-batches
+            order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, mini_batch_rows):
+            ids = order[start : start + mini_batch_rows].to(device)
+            total = row_weight[ids].sum()
+            if sum_over_processes(total.item()) == 0:
+                continue  # only dropped groups: no gradient, and no Adam momentum step either
+            chunks = split(ids[computed[ids]], grad_accumulation)
+            if compute_all_rows and token_budget:  # as many passes on every process
+                most = int(max_over_processes(len(chunks)))
+                chunks = micro_batches(ids, prompt_lengths, completion_lengths, most)
+            total = total.clamp(min=1e-9)
+            passes = [MicroBatch(c, (row_weight[c].sum() / total).item()) for c in chunks]
+            plan.steps.append(OptimizerStep(epoch, epoch == 0 and start == 0, passes))
+    return plan
+
+
+def micro_batches(
+    rows: Tensor,
+    prompt_lengths: Tensor,
+    completion_lengths: Tensor,
+    count: int,
+    token_budget: int | None = None,
+) -> list[Tensor]:
+    """Split one mini-batch's row indices into micro-batches of rows of similar length.
+
+    Rows are sorted by prompt + completion length (stable), so that a micro-batch trimmed to its
+    longest prompt and completion (`RowBatch.trimmed`) carries little padding. Without
+    `token_budget`: `count` micro-batches of near-equal row counts (fewer if there are fewer rows).
+    With it: consecutive sorted rows are packed while rows x (longest prompt + longest completion)
+    stays within the budget, at least one row each (verl's dynamic batch size); then `count` is
+    ignored. prompt_lengths / completion_lengths are indexed by row id.
+    Example: rows [0, 1, 2, 3], prompts all 1, completions [4, 8, 5, 7]: count 2 ->
+    [[0, 2], [3, 1]]; token_budget 12 -> [[0, 2], [3], [1]] (3 rows of width 8 would be 24).
+    """
+    if rows.numel() == 0:
+        return []
+    rows = rows[(prompt_lengths[rows] + completion_lengths[rows]).argsort(stable=True)]
+    if token_budget is None:
+        return list(rows.tensor_split(min(count, rows.numel())))
+    chunks, start, longest_prompt, longest_completion = [], 0, 0, 0
+    for i, (p, c) in enumerate(
+        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist())
+    ):
+        p, c = max(longest_prompt, p), max(longest_completion, c)
+        if i > start and (i - start + 1) * (p + c) > token_budget:
+            chunks.append(rows[start:i])
+            start, (p, c) = i, (prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item())
+        longest_prompt, longest_completion = p, c
+    return [*chunks, rows[start:]]

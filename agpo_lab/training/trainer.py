@@ -1,0 +1,388 @@
+"""The RL loop: sample prompts -> G completions each -> rewards -> advantages -> clipped updates.
+
+Read `Trainer.train`, `Trainer.train_step` and `Trainer._update` top to bottom. One step:
+
+    1. draw prompts_per_step prompts (this process takes its share; groups are never split)
+    2. sample G completions per prompt with the current policy (their log-probs are the "old" ones)
+    3. reward = task score + length shaping, computed on whole groups
+    4. advantages per group (GRPO, AGPO, ...); zero_variance=drop masks homogeneous groups and can
+       resample replacements (DAPO dynamic sampling, at most algorithm.max_resample_rounds rounds)
+    5. the update, as `planning.plan_update` lays it out: mu epochs of mini-batch AdamW steps on the
+       clipped surrogate (+ beta * KL), each the sum of length-sorted micro-batch passes over the
+       rows that carry a gradient; gradient clipping; linear warm-up
+    6. metrics (flushed to metrics.jsonl), periodic evaluation, samples and checkpoints
+
+Every random choice comes from explicit `torch.Generator`s that a checkpoint saves with the weights
+and optimizer (`checkpoints.TrainingState`), so a resumed run reproduces an uninterrupted one bit
+for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.utils import clip_grad_norm_
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import LambdaLR
+
+from agpo_lab.algorithms.loss import policy_loss
+from agpo_lab.config import TrainConfig
+from agpo_lab.evaluation import evaluate
+from agpo_lab.models.loading import disable_dropout, load_policy
+from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.tasks.base import Problem, Task
+from agpo_lab.tasks.registry import build_task
+from agpo_lab.training.batch import RowBatch
+from agpo_lab.training.checkpoints import TrainingState, export_policy, find_latest_checkpoint
+from agpo_lab.training.distributed import Processes
+from agpo_lab.training.interrupts import StopRequest
+from agpo_lab.training.metrics import RatioGuard, UpdateStats, rollout_metrics, sample_records
+from agpo_lab.training.planning import plan_update
+from agpo_lab.training.reference import load_reference, reference_logprobs
+from agpo_lab.training.rewards import group_advantages, shaped_rewards
+from agpo_lab.training.run_dir import RunDir
+
+Callback = Callable[[int, dict[str, Any]], Any]
+
+
+def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier after s optimizer steps: min(1, (s + 1) / warmup_steps), or 1
+    without warm-up (for `torch.optim.lr_scheduler.LambdaLR`).
+
+    Example: linear_warmup(4) gives 0.25, 0.5, 0.75, 1.0, 1.0, ... for s = 0, 1, 2, ...
+    """
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+class Trainer:
+    """GRPO / AGPO / relatives on any causal LM. ``Trainer(cfg).train(callback=...)``.
+
+    The constructor loads the task, the policy, its reference and optimizer and opens the run
+    directory (resuming from its last checkpoint when run.resume is set). `model`, `tokenizer` and
+    `task` can be passed in directly (notebooks, tests); otherwise they are built from the config.
+    `policy` is the network being trained: what samples, what is evaluated and saved.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        task: Task | None = None,
+    ) -> None:
+        self.cfg = cfg = config.validate()
+        self.processes = procs = Processes(cfg.run.device)
+        if cfg.run.prompts_per_step % procs.world:
+            raise ValueError(
+                f"run.prompts_per_step must be divisible by the {procs.world} processes"
+            )
+        torch.manual_seed(cfg.run.seed)  # model-side randomness (e.g. LoRA init) only
+        self.task = task or build_task(cfg.task)
+        self.problems = self.task.problems(cfg.task.train_split)
+        if model is None:
+            model, tokenizer = load_policy(cfg.model, procs.device)
+        self.policy, self.tokenizer = model.to(procs.device), tokenizer
+        disable_dropout(self.policy)  # so that the first-epoch ratio is exactly 1
+        beta = cfg.algorithm.beta  # without a KL term no reference model is kept
+        self.reference = load_reference(self.policy, cfg.model, beta) if beta > 0 else None
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        o = cfg.optim
+        optimizer = AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        scheduler = LambdaLR(optimizer, linear_warmup(o.warmup_steps))
+        # The update runs through the DDP wrapper under accelerate (same parameters as `policy`),
+        # compiled with optim.compile_update; everything else uses `policy` itself.
+        self._ddp_policy, optimizer = procs.prepare(self.policy, optimizer)
+        self._update_forward = (
+            torch.compile(self._ddp_policy, dynamic=True) if o.compile_update else self._ddp_policy
+        )
+        seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
+        self.state = TrainingState(
+            policy=self.policy,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data_generator=torch.Generator().manual_seed(seed),
+            sample_generator=torch.Generator(procs.device).manual_seed(
+                seed * 1000 + 1 + procs.rank
+            ),
+        )
+        self.stop = StopRequest()
+        self._mid_update, self._ratio_guard = False, RatioGuard()  # the guard warns once per run
+        self.run_dir = RunDir(self._run_path())
+        self._open_run_dir()
+
+    @property
+    def step(self) -> int:
+        """RL steps completed."""
+        return self.state.step
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def train(self, callback: Callback | None = None) -> list[dict[str, Any]]:
+        """Run until run.steps; returns this call's per-step metrics.
+
+        `callback(step, metrics)` runs after each step; returning True stops after that step.
+        Ctrl-C stops after the current step and saves (press twice to stop at once; the
+        checkpoint is then kept only if the weights were not half-updated).
+        """
+        run, logged, rng_at_step_start = self.cfg.run, [], None
+        if run.eval_at_start and self.step == 0 and run.eval_every:
+            self._log({"step": 0, **self.evaluate()})
+        with self.stop.catching_ctrl_c():
+            try:
+                while self.step < run.steps and not self.stop.requested:
+                    rng_at_step_start = self.state.rng_state()
+                    step = self.step + 1
+                    metrics = {"step": step, **self.train_step()}
+                    if run.eval_every and (step % run.eval_every == 0 or step == run.steps):
+                        metrics.update(self.evaluate())
+                    self._log(metrics)
+                    self.state.step += 1
+                    rng_at_step_start, self._mid_update = None, False
+                    logged.append(metrics)
+                    if run.save_every and self.step % run.save_every == 0:
+                        self.save_checkpoint()
+                    if callback is not None and callback(self.step, metrics) is True:
+                        break
+            except KeyboardInterrupt:
+                self._save_after_hard_interrupt(rng_at_step_start)
+                return logged
+        self.save_checkpoint()
+        if self.step >= run.steps:
+            self.export_policy()
+        return logged
+
+    def train_step(self) -> dict[str, Any]:
+        """One RL step (rollout, rewards, advantages, update); returns its metrics."""
+        t0, extra_tokens, procs = time.perf_counter(), 0, self.processes
+        G, per_process = self.cfg.rollout.group_size, self.cfg.run.prompts_per_step // procs.world
+        shared = torch.randperm(len(self.problems), generator=self.state.data_generator)
+        picks = shared.repeat(-(-self.cfg.run.prompts_per_step // len(self.problems)))
+        mine = picks[procs.rank * per_process : (procs.rank + 1) * per_process]
+        problems = [self.problems[i] for i in mine.tolist()]
+        batch, info = self._rollout(problems)
+        scored = [info[key] for key in ("scores", "rewards", "lengths", "truncated")]
+        advantages, active = batch.advantages.view(-1, G).cpu(), batch.active.view(-1, G)[:, 0]
+        metrics = rollout_metrics(*procs.gather(*scored, advantages, active.cpu()))
+        entropy, tokens = procs.sum(info["entropy_sum"]), procs.sum(info["tokens"])
+        metrics["policy/entropy"] = entropy / max(tokens, 1)  # of the sampling distribution
+        if self.cfg.algorithm.zero_variance == "drop":
+            batch, dynamic, extra_tokens = self._replace_dropped_groups(batch)
+            metrics.update(dynamic)
+        t1 = time.perf_counter()
+        metrics.update(self._update(batch))
+        every, n = self.cfg.run.log_samples_every, self.cfg.run.num_samples
+        if procs.rank == 0 and every and (self.step + 1) % every == 0:
+            samples = sample_records(self.step + 1, problems, info, batch.advantages, G, n)
+            self.run_dir.log_samples(samples)
+        seconds = time.perf_counter() - t0
+        tokens = procs.sum(info["tokens"] + extra_tokens)
+        metrics.update(
+            {
+                "optim/lr": self.state.scheduler.get_last_lr()[0],
+                "perf/step_seconds": seconds,
+                "perf/rollout_seconds": t1 - t0,
+                "perf/tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            }
+        )
+        return metrics
+
+    # ---- rollout, rewards, advantages -------------------------------------------------------
+
+    def _rollout(self, problems: list[Problem]) -> tuple[RowBatch, dict[str, Any]]:
+        """G completions per problem, scored on whole groups, with advantages."""
+        G, a = self.cfg.rollout.group_size, self.cfg.algorithm
+        prompts = [self.task.format_prompt(p, self.tokenizer) for p in problems for _ in range(G)]
+        out = generate(
+            self.policy,
+            self.tokenizer,
+            prompts,
+            self.cfg.rollout,
+            generator=self.state.sample_generator,
+        )
+        scores = torch.tensor(
+            [self.task.score(text, problems[i // G]) for i, text in enumerate(out.texts)]
+        ).view(-1, G)
+        lengths, truncated = out.lengths.cpu().view(-1, G), out.truncated.cpu().view(-1, G)
+        rewards = shaped_rewards(scores, lengths, a, self.cfg.rollout.max_new_tokens)
+        advantages, group_mask = group_advantages(rewards, a)
+        device = self.processes.device
+        batch = RowBatch(
+            prompt_ids=out.prompt_ids,
+            prompt_mask=out.prompt_mask,
+            completion_ids=out.completion_ids,
+            completion_mask=out.completion_mask,
+            old_logprobs=out.logprobs,
+            advantages=advantages.flatten().to(device),
+            active=group_mask.repeat_interleave(G).to(device),
+        )
+        info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated}
+        tokens, entropy = int(out.lengths.sum()), out.entropy.sum().item()
+        return batch, {**info, "texts": out.texts, "tokens": tokens, "entropy_sum": entropy}
+
+    def _replace_dropped_groups(self, batch: RowBatch) -> tuple[RowBatch, dict[str, float], int]:
+        """DAPO dynamic sampling: swap dropped groups for freshly sampled informative ones.
+        Returns the batch, dynamic/* metrics and the number of extra tokens generated."""
+        G, rounds, extra_tokens = self.cfg.rollout.group_size, 0, 0
+        while rounds < self.cfg.algorithm.max_resample_rounds:
+            dropped = (~batch.active.view(-1, G)[:, 0]).nonzero().flatten().tolist()
+            if not dropped:
+                break
+            rounds += 1
+            # Per-process generator: the shared data generator must stay in step on all ranks.
+            n, gen = len(self.problems), self.state.sample_generator
+            picks = torch.randint(n, (len(dropped),), generator=gen, device=self.processes.device)
+            extra, info = self._rollout([self.problems[i] for i in picks.tolist()])
+            extra_tokens += info["tokens"]
+            fresh = extra.active.view(-1, G)[:, 0].nonzero().flatten().tolist()
+            tok = self.tokenizer
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            batch = batch.replace_groups(dropped, extra, fresh, G, pad_id)
+        active_groups = batch.active.view(-1, G)[:, 0].float().mean()
+        dynamic = {
+            "dynamic/resample_rounds": self.processes.mean(rounds),
+            "dynamic/active_frac": self.processes.mean(active_groups.item()),
+        }
+        return batch, dynamic, extra_tokens
+
+    # ---- the update ------------------------------------------------------------------------
+
+    def _update(self, batch: RowBatch) -> dict[str, Any]:
+        """mu epochs of mini-batch AdamW steps on the clipped surrogate (+ beta * KL)."""
+        a, o, T = self.cfg.algorithm, self.cfg.optim, self.cfg.rollout.temperature
+        procs, state = self.processes, self.state
+        rows = batch.advantages.numel()
+        plan = plan_update(
+            batch,
+            epochs=a.mu,
+            mini_batch_rows=(o.mini_batch_size or rows * procs.world) // procs.world,
+            grad_accumulation=o.grad_accumulation,
+            token_budget=o.micro_batch_tokens,
+            token_mean=a.aggregation == "token_mean",
+            beta=a.beta,
+            generator=state.data_generator,
+            compute_all_rows=procs.distributed,
+            sum_over_processes=procs.sum,
+            max_over_processes=procs.max,
+        )
+        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, temperature=T)
+        stats = UpdateStats(self._ratio_guard)
+        self.policy.train()
+        for step in plan.steps:
+            step_stats: dict[str, float] = {}
+            for i, micro in enumerate(step.micro_batches):
+                mb = batch.select(micro.rows).trimmed()
+                last = i == len(step.micro_batches) - 1
+                with procs.sync_gradients_if(last, self._ddp_policy):
+                    logps = completion_logprobs(
+                        self._update_forward, *mb.model_inputs, temperature=T
+                    )
+                    mb_ref = None if ref is None else ref[micro.rows, : logps.shape[1]]
+                    loss, diagnostics = policy_loss(
+                        logps,
+                        mb.old_logprobs,
+                        mb.advantages,
+                        mb.loss_mask,
+                        mb_ref,
+                        clip_low=a.clip_low,
+                        clip_high=a.clip_high,
+                        beta=a.beta,
+                        kl_estimator=a.kl_estimator,
+                        aggregation=a.aggregation,
+                        max_len=self.cfg.rollout.max_new_tokens,
+                    )
+                    # the mini-batch loss is the share-weighted sum of its passes' losses
+                    procs.backward(loss * micro.share)
+                for key, value in diagnostics.items():  # UpdateStats.summary picks the reported
+                    step_stats[key] = step_stats.get(key, 0.0) + micro.share * value
+                if step.first:  # the policy has not moved yet: old and new log-probs must agree
+                    stats.observe_ratio(logps, mb)
+            if not step.micro_batches:  # every row's gradient is exactly 0; Adam still steps
+                for p in self.params:
+                    p.grad = torch.zeros_like(p)
+            max_norm = o.max_grad_norm or float("inf")
+            step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
+            self._mid_update = True  # from here on the weights differ from the step's start
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            stats.add(step_stats)
+        return {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
+
+    # ---- evaluation, logging, checkpoints ---------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """eval/* metrics on the held-out split (process 0 evaluates; same seed each time)."""
+        if self.processes.rank != 0:
+            return {}
+        problems = self.task.problems(self.cfg.task.eval_split)
+        gen = torch.Generator(self.processes.device).manual_seed(self.cfg.eval.seed)
+        return evaluate(
+            self.policy, self.tokenizer, self.task, problems, self.cfg.eval, generator=gen
+        )
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoints/step_N.safetensors (trainable weights, optimizer, scheduler, RNG)."""
+        samplers = self.state.sample_generator.get_state()
+        procs = self.processes
+        if procs.distributed:  # every process's sampler, so each resumes its own stream
+            samplers = procs.accelerator.gather(samplers.to(procs.device)[None]).cpu()
+        if procs.rank == 0:
+            self.state.save(self.run_dir.checkpoint_path(self.step), self.cfg, samplers)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimizer, scheduler and every RNG from a checkpoint file."""
+        self.state.load(path, self.processes.rank, self.processes.world)
+
+    def export_policy(self) -> None:
+        """Save the trained policy (LoRA merged into a copy) and tokenizer to run_dir/final."""
+        if self.processes.rank == 0:
+            export_policy(self.policy, self.tokenizer, self.run_dir.final_dir)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self.processes.rank == 0:
+            self.run_dir.log_metrics(metrics)
+
+    def _run_path(self) -> Path:
+        """out_dir/name; an unnamed run gets (and keeps in cfg) "<estimator>-seed<N>-<timestamp>"."""
+        run = self.cfg.run
+        if run.name is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            name = f"{self.cfg.algorithm.estimator}-seed{run.seed}-{stamp}"
+            run.name = self.processes.broadcast(name)  # every process must agree on the timestamp
+        return Path(run.out_dir) / run.name
+
+    def _open_run_dir(self) -> None:
+        """Create the run directory, or resume it; never overwrite an existing run silently."""
+        latest = find_latest_checkpoint(self.run_dir.path)
+        if (latest or self.run_dir.metrics_path.exists()) and not self.cfg.run.resume:
+            raise ValueError(
+                f"{self.run_dir.path} already holds a run; set run.resume=true to "
+                "continue it or choose another run.name"
+            )
+        if latest is not None:
+            self.load_checkpoint(latest)
+        if self.processes.rank == 0:
+            self.run_dir.truncate_metrics(self.step)  # a resume re-runs (and re-logs) later steps
+            self.run_dir.write_config(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def _save_after_hard_interrupt(self, rng_at_step_start: dict | None) -> None:
+        """KeyboardInterrupt mid-step: save the state after the last completed step, unless the
+        weights are half-way through the step's update (the last checkpoint stays the latest)."""
+        if self._mid_update:
+            print(
+                f"interrupted during the update of step {self.step + 1}; not saving it (the "
+                "weights are half-updated); resume starts from the last checkpoint",
+                file=sys.stderr,
+            )
+            return
+        if rng_at_step_start is not None:  # undo the interrupted step's random draws
+            self.state.set_rng_state(rng_at_step_start)
+        self.save_checkpoint()
+        print(f"interrupted: saved the checkpoint after step {self.step}", file=sys.stderr)
