@@ -81,7 +81,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("config", help="a YAML config file, or a run directory to resume")
     parser.add_argument("overrides", nargs="*", help="section.key=value (listed below)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with one_line_errors("train"):
         path = Path(args.config)
         if path.is_dir():  # a run directory: continue it with its own saved config
@@ -120,11 +120,12 @@ def eval_main(argv: list[str]) -> int:
     add = parser.add_argument
     add("target", metavar="RUN_OR_MODEL", help="run directory, model folder or 'embedded'")
     add("overrides", nargs="*", help="eval.key=value or task.key=value (listed below)")
+    add("--task", help="evaluate on this task instead of the run's (a fresh task section)")
     add("--split", help="split to evaluate (default: task.eval_split)")
     add("--device", default="cpu", help="cpu, cuda or cuda:N")
     add("--out", help="write the metrics as JSON here (default for a run: RUN/eval.json)")
     add("--records", help="also write one row per completion to this .csv")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with one_line_errors("eval"):
         foreign = [o for o in args.overrides if o.partition(".")[0] not in ("eval", "task")]
         if foreign:
@@ -136,6 +137,8 @@ def eval_main(argv: list[str]) -> int:
         # The settings first (a typo fails before any model loads), then the model.
         run_cfg = _run_config_of(args.target)
         data = run_cfg.to_dict() if run_cfg else {}
+        if args.task:  # another task: its own defaults, not the run's path or splits
+            data["task"] = {"name": args.task}
         cfg = TrainConfig.from_dict(apply_overrides(data, args.overrides))
         model, tokenizer, _, description = load_run_policy(args.target, args.device)
         task = build_task(cfg.task)

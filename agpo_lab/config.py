@@ -33,7 +33,7 @@ from agpo_lab.paths import CONFIGS_DIR, DOCS_RESULTS_DIR, EMBEDDED_MODEL_DIR
 TaskName = Literal["arithmetic", "gsm8k", "math500", "aime24", "amc23"]
 ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
 """Difficulty levels of the embedded task (described in `agpo_lab.tasks.arithmetic.LEVELS`)."""
-DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
 
 def _checker(prefix: str, section: Any):
@@ -57,7 +57,7 @@ class ModelConfig:
 
     name_or_path: str = "embedded"
     """Local model folder or hub id; "embedded" = the shipped tiny model (data/embedded)."""
-    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
+    dtype: DType = "auto"
     """Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
@@ -83,7 +83,7 @@ class ModelConfig:
         """Raise a one-line ValueError naming the first impossible setting."""
         check = _checker("model", self)
         check("name_or_path", bool(self.name_or_path.strip()), "name a model folder or hub id")
-        check("dtype", self.dtype in DTYPE_NAMES, f"use {', '.join(DTYPE_NAMES)}")
+        check("dtype", self.dtype in get_args(DType), f"use {', '.join(get_args(DType))}")
         check("lora_r", self.lora_r >= 1, "must be >= 1")
         check("lora_alpha", self.lora_alpha > 0, "must be > 0")
         check("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")

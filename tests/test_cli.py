@@ -218,3 +218,9 @@ def test_eval_on_a_run_directory_uses_its_latest_checkpoint(tiny_qwen2, char_tok
     texts = pd.read_csv(tmp_path / "records.csv", keep_default_na=False)["text"].tolist()
     assert texts == expected["text"].tolist()
     assert texts != base["text"].tolist()  # the checkpoint's weights were loaded, not the base's
+    # --task: another task's own defaults, not the run's task section (which holds 5 problems)
+    other = tmp_path / "other.json"
+    argv = ["eval", str(run), "--task", "arithmetic", "eval.n_problems=7", "eval.k=1",
+            "eval.max_new_tokens=2", "--out", str(other)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(other.read_text())["eval/n_problems"] == 7

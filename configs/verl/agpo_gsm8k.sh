@@ -9,7 +9,7 @@
 # verl checkout); verl's GSM8K rule reward gives 1.0 / 0.0, hence agpo.r_min=0, agpo.r_max=1.
 # MATH-500 after training: merge the FSDP checkpoint to a Hugging Face folder
 # (python -m verl.model_merger merge --backend fsdp --local_dir <ckpt>/actor --target_dir <hf_dir>),
-# then: agpo-lab eval <hf_dir> --task math500 --max-new-tokens 512
+# then: agpo-lab eval <hf_dir> --task math500 eval.max_new_tokens=512
 # Memory per GPU: docs/scaling.md ("Memory per GPU"), plus vLLM's gpu_memory_utilization share.
 # Extra arguments are passed on as Hydra overrides (e.g. trainer.total_training_steps=5).
 set -euo pipefail
