@@ -16,7 +16,6 @@ to stderr and exits with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,26 +39,16 @@ from agpo_lab.config import (
     field_docs,
     load_config,
 )
+from agpo_lab.errors import AgpoLabError, Interrupted
 from agpo_lab.paths import BENCHMARKS_DIR
+from agpo_lab.training.run_dir import check_writable, write_file
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 """What a section.key=value override looks like on the command line."""
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit status 2."""
-
-
-@contextlib.contextmanager
-def one_line_errors(verb: str) -> Iterator[None]:
-    """Turn the project's own errors (bad settings, missing files, unreachable models) raised in
-    the block into one line on stderr and exit status 2; anything else keeps its traceback."""
-    try:
-        yield
-    except (UsageError, ValueError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"agpo-lab {verb}: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+class UsageError(AgpoLabError):
+    """A mistake in what the user asked the command for: reported as one line, exit status 2."""
 
 
 def _keys_parser(verb: str, description: str, sections: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -82,16 +71,15 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value (listed below)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
-    with one_line_errors("train"):
-        path = Path(args.config)
-        if path.is_dir():  # a run directory: continue it with its own saved config
-            cfg = load_config(path / "config.yaml", [*args.overrides, "run.resume=true"])
-            cfg.run.out_dir, cfg.run.name = str(path.parent), path.name
-        else:
-            cfg = load_config(path, args.overrides)
-        from agpo_lab.training.trainer import Trainer  # torch and transformers: after the checks
+    path = Path(args.config)
+    if path.is_dir():  # a run directory: continue it with its own saved config
+        cfg = load_config(path / "config.yaml", [*args.overrides, "run.resume=true"])
+        cfg.run.out_dir, cfg.run.name = str(path.parent), path.name
+    else:
+        cfg = load_config(path, args.overrides)
+    from agpo_lab.training.trainer import Trainer  # torch and transformers: after the checks
 
-        trainer = Trainer(cfg)
+    trainer = Trainer(cfg)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=args.quiet, desc=cfg.run.name)
@@ -126,35 +114,38 @@ def eval_main(argv: list[str]) -> int:
     add("--out", help="write the metrics as JSON here (default for a run: RUN/eval.json)")
     add("--records", help="also write one row per completion to this .csv")
     args = parser.parse_intermixed_args(argv)
-    with one_line_errors("eval"):
-        foreign = [o for o in args.overrides if o.partition(".")[0] not in ("eval", "task")]
-        if foreign:
-            raise UsageError(f"{foreign[0]!r}: eval takes only eval.* and task.* overrides")
-        from agpo_lab.evaluation import evaluate_records, summarize_records
-        from agpo_lab.tasks.registry import build_task
-        from agpo_lab.training.checkpoints import load_run_policy
+    foreign = [o for o in args.overrides if o.partition(".")[0] not in ("eval", "task")]
+    if foreign:
+        raise UsageError(f"{foreign[0]!r}: eval takes only eval.* and task.* overrides")
+    from agpo_lab.evaluation import evaluate_records, summarize_records
+    from agpo_lab.tasks.registry import build_task
+    from agpo_lab.training.checkpoints import load_run_policy
 
-        # The settings first (a typo fails before any model loads), then the model.
-        run_cfg = _run_config_of(args.target)
-        data = run_cfg.to_dict() if run_cfg else {}
-        if args.task:  # another task: its own defaults, not the run's path or splits
-            data["task"] = {"name": args.task}
-        cfg = TrainConfig.from_dict(apply_overrides(data, args.overrides))
-        model, tokenizer, _, description = load_run_policy(args.target, args.device)
-        task = build_task(cfg.task)
-        problems = task.problems(args.split or cfg.task.eval_split)
-        records = evaluate_records(model, tokenizer, task, problems, cfg.eval)
+    # The settings and the outputs first (a typo or a read-only folder fails before any model
+    # loads), then the model.
+    run_cfg = _run_config_of(args.target)
+    data = run_cfg.to_dict() if run_cfg else {}
+    if args.task:  # another task: its own defaults, not the run's path or splits
+        data["task"] = {"name": args.task}
+    cfg = TrainConfig.from_dict(apply_overrides(data, args.overrides))
+    out = args.out or (str(Path(args.target, "eval.json")) if run_cfg else None)
+    outputs = [Path(p) for p in (out, args.records) if p]
+    for path in outputs:
+        check_writable(path)
+    model, tokenizer, _, description = load_run_policy(args.target, args.device)
+    task = build_task(cfg.task)
+    problems = task.problems(args.split or cfg.task.eval_split)
+    records = evaluate_records(model, tokenizer, task, problems, cfg.eval)
     metrics = summarize_records(records, cfg.eval.k)
     print(f"{description}, task {cfg.task.name}, {records['problem_id'].nunique()} problems")
     for key, value in metrics.items():
         print(f"  {key:<34} {value:>10.4f}")
-    out = args.out or (str(Path(args.target, "eval.json")) if run_cfg else None)
     if out:
         safe = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}  # strict JSON
-        Path(out).write_text(json.dumps(safe, indent=2) + "\n")
+        write_file(Path(out), (json.dumps(safe, indent=2) + "\n").encode())
         print(f"wrote {out}")
     if args.records:
-        records.to_csv(args.records, index=False)
+        write_file(Path(args.records), records.to_csv(index=False).encode())
         print(f"wrote {args.records}")
     return 0
 
@@ -194,8 +185,7 @@ def parse_flags(cls: type, verb: str, argv: list[str]) -> Any:
             nargs = "+" if kind in (list, tuple) else None
             parser.add_argument(flag, nargs=nargs, metavar=f.name.upper(), help=help_text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    with one_line_errors(verb):
-        return cls(**{k: coerce(v, hints[k], k) for k, v in given.items()})
+    return cls(**{k: coerce(v, hints[k], k) for k, v in given.items()})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -212,11 +202,10 @@ def reproduce_main(argv: list[str]) -> int:
     """
     overrides = [a for a in argv if OVERRIDE.match(a)]
     cfg = parse_flags(ReproduceConfig, "reproduce", [a for a in argv if not OVERRIDE.match(a)])
-    with one_line_errors("reproduce"):
-        cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *overrides])
-        from agpo_lab.experiments.reproduce import plan_jobs, reproduce
+    cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *overrides])
+    from agpo_lab.experiments.reproduce import plan_jobs, reproduce
 
-        plan_jobs(cfg)  # unknown methods fail here, before any run starts
+    plan_jobs(cfg)  # unknown methods fail here, before any run starts
     root = reproduce(cfg)
     print((root / "summary.md").read_text())
     print(f"results: {root}")
@@ -248,10 +237,9 @@ def bench_main(argv: list[str]) -> int:
         return 0
     name = argv[0].removesuffix(".py")
     by_name = {script.stem: script for script in scripts}
-    with one_line_errors("bench"):
-        if name not in by_name:  # only the scripts listed here, never a path
-            names = ", ".join(by_name) or "none"
-            raise UsageError(f"no benchmark {argv[0]!r}; available: {names}")
+    if name not in by_name:  # only the scripts listed here, never a path
+        names = ", ".join(by_name) or "none"
+        raise UsageError(f"no benchmark {argv[0]!r}; available: {names}")
     return subprocess.call([sys.executable, str(by_name[name]), *argv[1:]])
 
 
@@ -289,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(verb(argv[1:]) or 0)
-    except SystemExit as done:  # argparse, tyro and one_line_errors end this way
+    except AgpoLabError as err:  # the user's input or environment: one line, no traceback
+        print(f"agpo-lab {argv[0]}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 130 if isinstance(err, Interrupted) else 2
+    except KeyboardInterrupt:  # a second Ctrl-C; what could be saved was saved
+        print(f"agpo-lab {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as done:  # argparse's usage errors and --help end this way
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from agpo_lab.errors import ConfigError, MissingFileError
 from agpo_lab.paths import CONFIGS_DIR, DOCS_RESULTS_DIR, EMBEDDED_MODEL_DIR
 
 TaskName = Literal["arithmetic", "gsm8k", "math500", "aime24", "amc23"]
@@ -43,17 +44,41 @@ def _checker(prefix: str, section: Any):
     def check(key: str, ok: bool, rule: str) -> None:
         if not ok:
             name = f"{prefix}.{key}" if prefix else key
-            raise ValueError(f"{name}={_plain(getattr(section, key))!r}: {rule}")
+            raise ConfigError(f"{name}={_plain(getattr(section, key))!r}: {rule}")
 
     return check
+
+
+class Settings:
+    """Base of every settings dataclass: its values are checked when it is built.
+
+    Every number must be finite (NaN and infinities are never a setting), then the class's own
+    `validate` checks ranges and choices. `PREFIX` is the section name its errors use.
+    """
+
+    PREFIX = ""
+
+    def __post_init__(self) -> None:
+        check = _checker(self.PREFIX, self)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            values = getattr(self, f.name)
+            values = values if isinstance(values, (list, tuple)) else [values]
+            finite = all(math.isfinite(v) for v in values if isinstance(v, float))
+            check(f.name, finite, "must be a finite number")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ConfigError naming the first impossible setting (each class its own rules)."""
 
 
 # ---- the sections of a training run -----------------------------------------------------------
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Settings):
     """Which model to train and how."""
+
+    PREFIX = "model"
 
     name_or_path: str = "embedded"
     """Local model folder or hub id; "embedded" = the shipped tiny model (data/embedded)."""
@@ -76,12 +101,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager, flash_attention_2, ..."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("model", self)
+        check = _checker(self.PREFIX, self)
         check("name_or_path", bool(self.name_or_path.strip()), "name a model folder or hub id")
         check("dtype", self.dtype in get_args(DType), f"use {', '.join(get_args(DType))}")
         check("lora_r", self.lora_r >= 1, "must be >= 1")
@@ -91,8 +113,10 @@ class ModelConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Settings):
     """Which problems the policy trains and is evaluated on."""
+
+    PREFIX = "task"
 
     name: TaskName = "arithmetic"
     """Task name: "arithmetic" (embedded, offline) or a dataset: gsm8k, math500, aime24, amc23."""
@@ -111,12 +135,9 @@ class TaskConfig:
     eval_split: str = "eval"
     """Held-out split used by periodic evaluation ("eval"; datasets may call it "test")."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("task", self)
+        check = _checker(self.PREFIX, self)
         check("name", self.name in get_args(TaskName), f"valid: {', '.join(get_args(TaskName))}")
         check("n_train", self.n_train >= 1, "must be >= 1")
         check("n_eval", self.n_eval >= 1, "must be >= 1")
@@ -127,8 +148,10 @@ class TaskConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Settings):
     """Sampling settings for one batch of rollouts."""
+
+    PREFIX = "rollout"
 
     group_size: int = 8
     """G: completions per prompt. The trainer repeats each prompt G times; `generate` does not."""
@@ -151,12 +174,9 @@ class RolloutConfig:
     compile per process (benchmarks/README.md has the measured gain and cost); for long training
     runs, not for a quick notebook cell. Forward hooks on the model run only while compiling."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("rollout", self)
+        check = _checker(self.PREFIX, self)
         check("group_size", self.group_size >= 1, "must be >= 1")
         check("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy decoding)")
         check("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)")
@@ -165,8 +185,10 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgorithmConfig:
+class AlgorithmConfig(Settings):
     """How rewards become advantages and advantages become a loss."""
+
+    PREFIX = "algorithm"
 
     estimator: Literal["grpo", "agpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
     """Advantage estimator (see agpo_lab.algorithms.advantages)."""
@@ -209,12 +231,9 @@ class AlgorithmConfig:
     """With zero_variance=drop: extra sampling rounds to replace dropped groups (DAPO dynamic
     sampling); 0 = never resample, just train on the groups that remain."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("algorithm", self)
+        check = _checker(self.PREFIX, self)
         check("r_max", self.r_max > self.r_min, f"must exceed algorithm.r_min={self.r_min}")
         check("eps", self.eps >= 0, "must be >= 0")
         check("clip_low", 0 <= self.clip_low < 1, "must be in [0, 1)")
@@ -229,8 +248,10 @@ class AlgorithmConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Settings):
     """AdamW with linear warm-up, mini-batches and gradient accumulation."""
+
+    PREFIX = "optim"
 
     lr: float = 1e-5
     """Peak learning rate (reached after warmup_steps, then constant)."""
@@ -256,12 +277,9 @@ class OptimizerConfig:
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
     Rollouts, evaluation and checkpoints use the plain model."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("optim", self)
+        check = _checker(self.PREFIX, self)
         check("lr", self.lr >= 0, "must be >= 0")
         check("betas", all(0 <= b < 1 for b in self.betas), "both must be in [0, 1)")
         check("weight_decay", self.weight_decay >= 0, "must be >= 0")
@@ -274,8 +292,10 @@ class OptimizerConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     """Length of training, logging, checkpoints and where everything is written."""
+
+    PREFIX = "run"
 
     steps: int = 100
     """RL steps (one rollout batch and its updates each)."""
@@ -302,12 +322,9 @@ class RunConfig:
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda" or "cuda:N"."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("run", self)
+        check = _checker(self.PREFIX, self)
         check("steps", self.steps >= 1, "must be >= 1")
         check("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1")
         for key in ("eval_every", "save_every", "log_samples_every", "num_samples"):
@@ -324,8 +341,10 @@ class RunConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     """How to evaluate a policy on a held-out split."""
+
+    PREFIX = "eval"
 
     n_problems: int | None = None
     """Evaluate n problems of the split (a fixed, evenly spaced subset); None = the whole split."""
@@ -344,12 +363,9 @@ class EvalConfig:
     greedy: bool = True
     """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("eval", self)
+        check = _checker(self.PREFIX, self)
         n = self.n_problems
         check("n_problems", n is None or n >= 1, "must be >= 1, or null for the whole split")
         check("k", self.k >= 0, "must be >= 1 (or 0 for greedy only)")
@@ -422,16 +438,16 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build and validate from a nested dict; unknown sections or keys are errors."""
         if not isinstance(data, dict):
-            raise ValueError(f"config must be a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section(s) {unknown}; valid: {', '.join(SECTIONS)}")
         hints = typing.get_type_hints(cls)
         sections = {}
         for name in SECTIONS:
             values = data.get(name) or {}
             if not isinstance(values, dict):
-                raise ValueError(f"config section '{name}' must be a mapping, got {values!r}")
+                raise ConfigError(f"config section '{name}' must be a mapping, got {values!r}")
             sections[name] = build_section(hints[name], name, values)
         return cls(**sections).validate()
 
@@ -449,13 +465,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise MissingFileError(f"config file not found: {path}; pass an existing YAML file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return TrainConfig.from_dict(apply_overrides(data, overrides or []))
 
 
@@ -466,14 +482,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ValueError(f"override {item!r} must look like section.key=value (run.steps=10)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (run.steps=10)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         section = data.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise ValueError(f"config section '{parts[0]}' must be a mapping, got {section!r}")
+            raise ConfigError(f"config section '{parts[0]}' must be a mapping, got {section!r}")
         section[parts[1]] = value
     return data
 
@@ -482,7 +498,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Settings):
     """SFT of the embedded checkpoint: a tiny Qwen2 on arithmetic traces (same config + seed = same
     weights)."""
 
@@ -525,12 +541,9 @@ class PretrainConfig:
     num_threads: int = 2
     """torch CPU threads (fixed, since thread count can change float reduction order)."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
-        check = _checker("", self)
+        check = _checker(self.PREFIX, self)
         weights = self.level_weights
         weights_ok = len(weights) == len(ARITHMETIC_LEVELS) and min(weights) >= 0 < sum(weights)
         check(
@@ -559,7 +572,7 @@ class PretrainConfig:
 
 
 @dataclass
-class ReproduceConfig:
+class ReproduceConfig(Settings):
     """The main job: GRPO vs AGPO and the ablations, over seeds, each run a `TrainConfig` made of
     the base config plus the method's overrides; results with intervals and figures."""
 
@@ -584,9 +597,6 @@ class ReproduceConfig:
     overrides: list[str] = field(default_factory=list)
     """Extra section.key=value overrides applied to every run (after the method's)."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     @property
     def results_name(self) -> str:
         """The name of the results folder: `name`, or the default for the budget."""
@@ -595,7 +605,7 @@ class ReproduceConfig:
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting (the method names are
         checked against the registry by `agpo_lab.experiments.reproduce`, before any run)."""
-        check = _checker("", self)
+        check = _checker(self.PREFIX, self)
         unique = len(set(self.methods)) == len(self.methods)
         check("methods", bool(self.methods) and unique, "name at least one method, each once")
         check("seeds", bool(self.seeds), "name at least one seed")
@@ -615,12 +625,14 @@ def build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"unknown key(s) {unknown} in section '{name}'; valid: {', '.join(valid)}"
+        )
     kwargs = {k: coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except TypeError as err:
-        raise ValueError(f"section '{name}': {err}") from None
+        raise ConfigError(f"section '{name}': {err}") from None
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -641,23 +653,23 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(args)}")
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(args)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r}: expected a list like [a, b]")
+            raise ConfigError(f"{key}={value!r}: expected a list like [a, b]")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"{key}={value!r}: expected {len(args)} values")
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
             return tuple(coerce(v, a, key) for v, a in zip(value, args))
         item_type = args[0] if args else Any
         return origin(coerce(v, item_type, key) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}={value!r}: expected true or false")
+            raise ConfigError(f"{key}={value!r}: expected true or false")
         return value
     if tp in (int, float):
         written = value
@@ -665,17 +677,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 value = float(value) if tp is float else int(value)
             except ValueError:
-                raise ValueError(f"{key}={value!r}: expected a number") from None
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}={value!r}: expected a number")
+            raise ConfigError(f"{key}={value!r}: expected a number")
         if not math.isfinite(value):
-            raise ValueError(f"{key}={written!r}: expected a finite number")
+            raise ConfigError(f"{key}={written!r}: expected a finite number")
         if tp is int and float(value) != int(value):
-            raise ValueError(f"{key}={value!r}: expected an integer")
+            raise ConfigError(f"{key}={value!r}: expected an integer")
         return tp(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ValueError(f"{key}={value!r}: expected a string")
+            raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     return value
 

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from agpo_lab.config import EvalConfig, RolloutConfig
+from agpo_lab.errors import DataError
 from agpo_lab.rollout import generate
 from agpo_lab.tasks.base import Problem, Task, is_correct
 
@@ -106,7 +107,7 @@ def evaluate_records(
     cfg.validate()
     problems = select_problems(problems, cfg.n_problems)
     if not problems:
-        raise ValueError("evaluate: the problem list is empty; check the task's eval split")
+        raise DataError("evaluate: the problem list is empty; check the task's eval split")
     if generator is None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

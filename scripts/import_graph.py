@@ -19,6 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "agpo_lab"
 LAYERS = (
     "paths",
+    "errors",
     "config",
     "tasks",
     "models",
@@ -30,7 +31,8 @@ LAYERS = (
     "integrations",
     "cli",
 )
-"""agpo_lab's layers in data-flow order; `agpo_lab/__init__.py` counts as the first."""
+"""agpo_lab's layers in data-flow order (paths and errors below everything); `agpo_lab/__init__.py`
+counts as the first."""
 
 
 def module_name(path: Path) -> str:

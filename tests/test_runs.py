@@ -74,13 +74,13 @@ def test_metrics_append_load_and_truncate(tmp_path):
     assert list(frame["step"]) == [1, 2, 3] and frame["reward/mean"].iloc[2] == 0.3
     assert frame["length/mean_correct"].isna().all()  # NaN is written as null
 
-    assert run.truncate_metrics(1) == 2
+    run.log_samples([{"step": s, "completion": f"ans:{s}"} for s in (1, 1, 2, 3)])
+    assert run.roll_back(1) == 2 + 2  # every log: metrics of steps 2, 3 and their samples
     assert list(load_metrics(run.path)["step"]) == [1]
+    assert load_samples(run.path)["completion"].tolist() == ["ans:1", "ans:1"]
     orphaned = (run.path / "metrics.orphaned.jsonl").read_text().splitlines()
     assert len(orphaned) == 2  # moved aside, not deleted
-
-    run.log_samples([{"step": 1, "completion": "ans:3"}])
-    assert load_samples(run.path)["completion"].tolist() == ["ans:3"]
+    assert len((run.path / "samples.orphaned.jsonl").read_text().splitlines()) == 2
 
 
 def test_damaged_metrics_files(tmp_path):

@@ -8,22 +8,25 @@ Settings: `agpo_lab.config.ReproduceConfig`; methods: `agpo_lab.experiments.meth
 Every (method, seed) is one ordinary training run (`Trainer`) from the same base config with a few
 overrides, followed by a held-out evaluation of the final policy; the starting checkpoint is
 evaluated too, as a reference row. Runs are independent processes (two at a time by default, one
-thread each), so a run's numbers depend only on its method and seed. A run whose `result.json`
-exists is skipped, and an interrupted one resumes from its last checkpoint, so rerunning after
-Ctrl-C continues where it stopped. Output lands in results/<name>/: summary.csv, summary.md,
-per-run folders (config, metrics.jsonl, eval records) and PNG figures.
+thread each), so a run's numbers depend only on its method and seed. Only a run that trained to its
+last step and was evaluated gets a `result.json`, the mark of a complete run; a rerun skips
+complete runs and resumes the others from their last checkpoint, so after Ctrl-C (or SIGTERM) the
+same command continues where it stopped. Output lands in results/<name>/: summary.csv,
+summary.md, per-run folders (config, metrics.jsonl, eval records, run.log) and PNG figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
@@ -31,11 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from agpo_lab.config import ReproduceConfig, load_config
+from agpo_lab.errors import AgpoLabError, ConfigError, Interrupted
 from agpo_lab.evaluation import evaluate_records, summarize_records
 from agpo_lab.experiments.methods import METHODS, REFERENCE
 from agpo_lab.experiments.report import write_report
 from agpo_lab.models.loading import load_policy
 from agpo_lab.tasks.registry import build_task
+from agpo_lab.training.run_dir import FolderLock, write_file
 from agpo_lab.training.trainer import Trainer
 
 QUICK_OVERRIDES = ["run.steps=3", "run.prompts_per_step=4", "eval.n_problems=16", "eval.k=2"]
@@ -63,7 +68,7 @@ def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
     """
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"methods={unknown}: unknown; valid: {', '.join(METHODS)}")
+        raise ConfigError(f"methods={unknown}: unknown; valid: {', '.join(METHODS)}")
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     extra = (*(QUICK_OVERRIDES if cfg.quick else []), *cfg.overrides)
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
@@ -75,11 +80,24 @@ def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
     ]
 
 
-def run_job(job: Job) -> dict:
-    """Train (unless reference), evaluate on the held-out split, write result.json; return it."""
-    result_path = job.run_dir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+def job_result(job: Job) -> dict | None:
+    """The job's result.json when the job is complete; None when it is not (or the file is
+    unreadable, in which case the job runs again: a resumed run finishes at once)."""
+    try:
+        return json.loads((job.run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_job(job: Job) -> dict | None:
+    """Train (unless reference), evaluate on the held-out split, write result.json; return it.
+
+    Returns None, and writes no result, when the training stopped before its last step (Ctrl-C
+    or SIGTERM): the run saved its checkpoint and a later call resumes it.
+    """
+    done = job_result(job)
+    if done is not None:
+        return done
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
     overrides = [
@@ -98,6 +116,8 @@ def run_job(job: Job) -> dict:
     else:
         trainer = Trainer(cfg)
         trainer.train()
+        if trainer.step < cfg.run.steps:  # stopped early: never a complete run
+            return None
         model, tokenizer, task, device = (
             trainer.policy,
             trainer.tokenizer,
@@ -107,38 +127,147 @@ def run_job(job: Job) -> dict:
     problems = task.problems(cfg.task.eval_split)
     generator = torch.Generator(device).manual_seed(cfg.eval.seed)
     records = evaluate_records(model, tokenizer, task, problems, cfg.eval, generator=generator)
-    records.to_csv(job.run_dir / "eval_records.csv", index=False)
+    write_file(job.run_dir / "eval_records.csv", records.to_csv(index=False).encode())
     result = {"method": job.method, "seed": job.seed, **summarize_records(records, cfg.eval.k)}
     result["wall_seconds"] = time.perf_counter() - started
     result["threads"] = job.threads
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, result_path)  # the marker that the run is complete
+    write_file(job.run_dir / "result.json", json.dumps(result, indent=1).encode())  # complete
     return result
 
 
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
-    """Run every job (skipping finished ones), then write tables and figures; return the folder."""
+    """Run every job (skipping complete ones), then write tables and figures; return the folder.
+
+    Each job is its own process (`python -m agpo_lab.experiments.reproduce JOB`, in its own
+    session, its output in the run's run.log), `cfg.jobs` at a time. Ctrl-C or SIGTERM starts no
+    further job and asks the running ones to stop after their current step (a second one: at
+    once); then an Interrupted error says how far it got, and the same command continues from there.
+    A job that fails does not stop the others; the failures are reported at the end.
+    """
     cfg.validate()
     jobs = plan_jobs(cfg)
     root = Path(cfg.out_dir) / cfg.results_name
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "reproduce.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    results = []
-    bar = tqdm(total=len(jobs), desc="reproduce runs", unit="run", disable=not progress)
-    context = get_context("spawn")  # fresh interpreters: no torch state shared between runs
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_job, job): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            results.append(future.result())
-            bar.set_postfix_str(f"done {job.method}/seed{job.seed}")
-            bar.update(1)
-    bar.close()
-    write_report(root, pd.DataFrame(results), baseline="grpo", reference=REFERENCE)
+    lock = FolderLock(root)
+    lock.acquire("--name or --out-dir")  # one reproduce per results folder at a time
+    try:
+        write_file(root / "reproduce.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+        outcome = _run_jobs(jobs, cfg.jobs, progress)
+    finally:
+        lock.release()
+    complete = [job_result(job) for job in jobs]
+    missing = [job for job, result in zip(jobs, complete) if result is None]
+    if outcome.interrupted:
+        raise Interrupted(
+            f"interrupted: {len(jobs) - len(missing)} of {len(jobs)} runs complete, the runs in "
+            "flight saved their last step; run the same command again to continue"
+        )
+    if missing:
+        failed = ", ".join(f"{job.method}/seed{job.seed}" for job in missing)
+        last = outcome.errors.get(missing[0], "no result")
+        raise AgpoLabError(
+            f"{len(missing)} run(s) failed ({failed}); first: {last} (full log: "
+            f"{missing[0].run_dir / 'run.log'}); fix it and run the same command again"
+        )
+    write_report(root, pd.DataFrame(complete), baseline="grpo", reference=REFERENCE)
     if cfg.docs and not cfg.quick:
         docs = Path(cfg.docs_dir)
         docs.mkdir(parents=True, exist_ok=True)
         for name in DOCS_FILES:
             shutil.copyfile(root / name, docs / name)
     return root
+
+
+EXIT_INTERRUPTED = 3
+"""A job process's exit status when its training stopped before the end (resumable)."""
+
+
+@dataclass
+class _Outcome:
+    interrupted: bool = False
+    errors: dict[Job, str] = dataclasses.field(default_factory=dict)
+
+
+def _run_jobs(jobs: list[Job], parallel: int, progress: bool) -> _Outcome:
+    """Run the incomplete jobs as child processes, `parallel` at a time (see `reproduce`)."""
+    queue = [job for job in jobs if job_result(job) is None]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(queue), desc="reproduce runs",
+               unit="run", disable=not progress)  # fmt: skip
+    running: dict[Job, subprocess.Popen] = {}
+    outcome, signals = _Outcome(), []
+
+    def forward(signum, frame):  # a stop request: no new jobs; the running ones stop too
+        signals.append(signum)
+        outcome.interrupted = True
+        for child in running.values():  # 1st: after the step, 2nd: now, 3rd: kill
+            with contextlib.suppress(OSError):
+                child.send_signal(signal.SIGINT if len(signals) < 3 else signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while running or (queue and not outcome.interrupted):
+            while queue and len(running) < parallel and not outcome.interrupted:
+                job = queue.pop(0)
+                running[job] = _start(job)
+            time.sleep(0.2)
+            for job, child in list(running.items()):
+                if child.poll() is None:
+                    continue
+                del running[job]
+                if child.returncode not in (0, EXIT_INTERRUPTED):
+                    outcome.errors[job] = _last_line(job.run_dir / "run.log")
+                if child.returncode == 0:
+                    bar.set_postfix_str(f"done {job.method}/seed{job.seed}")
+                    bar.update(1)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        bar.close()
+    return outcome
+
+
+def _start(job: Job) -> subprocess.Popen:
+    """The job as `python -m agpo_lab.experiments.reproduce JOB`, its output appended to run.log.
+
+    It runs in its own session, so a terminal's Ctrl-C reaches it only through `reproduce`, and
+    it starts with SIGINT ignored (inherited through exec), so a stop request counts only where
+    the trainer listens for it (between steps): one that arrives while the job starts up or
+    evaluates never leaves a half-written result.
+    """
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    spec = json.dumps({**dataclasses.asdict(job), "run_dir": str(job.run_dir)})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with open(job.run_dir / "run.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "agpo_lab.experiments.reproduce", spec],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip()[:300] if lines else "empty log"
+
+
+def _job_main(spec: str) -> int:
+    """A job process: run the job; exit 0 when complete, EXIT_INTERRUPTED when stopped early."""
+    data = json.loads(spec)
+    job = Job(**{**data, "run_dir": Path(data["run_dir"]), "overrides": tuple(data["overrides"])})
+    try:
+        return 0 if run_job(job) is not None else EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second stop request during training
+        return EXIT_INTERRUPTED
+    except AgpoLabError as err:
+        print(f"agpo-lab reproduce ({job.method}/seed{job.seed}): {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main(sys.argv[1]))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from agpo_lab.errors import MissingFileError
 from agpo_lab.training.run_dir import load_metrics
 
 
@@ -19,7 +20,7 @@ def load_results(root: Path) -> pd.DataFrame:
     """All result.json files under root/runs as a frame (one row per method and seed)."""
     paths = sorted(Path(root).glob("runs/*/seed*/result.json"))
     if not paths:
-        raise FileNotFoundError(f"no runs/*/seed*/result.json under {root}; run reproduce first")
+        raise MissingFileError(f"no runs/*/seed*/result.json under {root}; run reproduce first")
     return pd.DataFrame([json.loads(p.read_text()) for p in paths])
 
 
@@ -42,7 +43,7 @@ def load_eval_records(root: str | Path, sampled_only: bool = True) -> pd.DataFra
     """
     paths = sorted(Path(root).glob("runs/*/seed*/eval_records.csv"))
     if not paths:
-        raise FileNotFoundError(f"no runs/*/seed*/eval_records.csv under {root}; run reproduce")
+        raise MissingFileError(f"no runs/*/seed*/eval_records.csv under {root}; run reproduce")
     frames = []
     for path in paths:
         frame = pd.read_csv(path)

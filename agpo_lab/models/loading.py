@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 
 from agpo_lab.config import ModelConfig
+from agpo_lab.errors import ConfigError, MissingFileError, ModelLoadError
 from agpo_lab.paths import EMBEDDED_MODEL_DIR
 
 DTYPES = {
@@ -39,7 +40,7 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"model.dtype {name!r} is unknown; use auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"model.dtype={name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -51,7 +52,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path == "embedded":
         if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the embedded model is missing at {EMBEDDED_MODEL_DIR}; build it with "
                 "`agpo-lab pretrain` or set model.name_or_path to a local model folder"
             )
@@ -59,10 +60,10 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json; pass a saved model")
+            raise MissingFileError(f"model folder {path} has no config.json; pass a saved model")
         return str(path)
     if path.exists() or not HUB_ID.match(name_or_path) or name_or_path.startswith("."):
-        raise FileNotFoundError(f"model path {name_or_path!r} is not a model folder; pass one")
+        raise MissingFileError(f"model path {name_or_path!r} is not a model folder; pass one")
     if hub_reachable():
         return name_or_path
     from huggingface_hub import try_to_load_from_cache
@@ -100,22 +101,77 @@ def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
         pool.shutdown(wait=False)
 
 
-def _hub_error(source: str, reason: str) -> OSError:
-    return OSError(
+def _hub_error(source: str, reason: str) -> ModelLoadError:
+    return ModelLoadError(
         f"model {source!r} is neither a local folder nor reachable on the Hugging Face hub "
         f"(offline or wrong id: {reason}); pass a local path to a saved model instead"
     )
 
 
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
 def _load_or_fail(loader, source: str, **kwargs):
-    """Call `loader(source)`, turning a load failure into one line that says what to do."""
+    """Call `loader(source)`, turning a load failure into one line that says what to do.
+
+    A local folder that fails to load is the folder's fault whatever transformers raises (a torn
+    safetensors file raises its own error type): the message names the file that is broken when
+    `diagnose_folder` finds it. A hub id that fails is unreachable or wrong.
+    """
+    folder = Path(source).is_dir()
     try:
         return loader(source, **kwargs)
     except OSError as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        if Path(source).is_dir():
-            raise OSError(f"cannot load from model folder {source}: {reason}") from None
-        raise _hub_error(source, reason) from None
+        if not folder:
+            raise _hub_error(source, _first_line(err)) from None
+        problem = diagnose_folder(Path(source)) or _first_line(err)
+        raise ModelLoadError(f"cannot load model folder {source}: {problem}") from None
+    except Exception as err:
+        if not folder:
+            raise
+        problem = diagnose_folder(Path(source)) or _first_line(err)
+        raise ModelLoadError(
+            f"cannot load model folder {source}: {problem}; re-save or re-download the model"
+        ) from None
+
+
+def diagnose_folder(folder: Path) -> str | None:
+    """The first broken file of a model folder, described in a few words, or None.
+
+    Looks at the JSON files transformers reads (config, generation config, tokenizer files) and
+    at the header of every safetensors file. Example: "tokenizer.json is not valid JSON (line 1,
+    column 2)"; "model.safetensors is unreadable (invalid header length)".
+    """
+    from safetensors import safe_open
+
+    for name in JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                where = f"line {err.lineno}, column {err.colno}" if hasattr(err, "lineno") else err
+                return f"{name} is not valid JSON ({where})"
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open has no iterator)
+                    weights.get_slice(key)
+        except Exception as err:  # safetensors raises its own error type
+            return f"{path.name} is unreadable ({' '.join(str(err).split())[:120]})"
+    return None
+
+
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""The JSON files of a model folder that `diagnose_folder` checks."""
 
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -137,8 +193,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     if config_file.is_file():
         try:
             tokenizer_class = json.loads(config_file.read_text()).get("tokenizer_class")
-        except json.JSONDecodeError as err:
-            raise ValueError(
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelLoadError(
                 f"{config_file} is not valid JSON ({err}); re-save the tokenizer"
             ) from None
         if tokenizer_class in GENERIC_TOKENIZER_CLASSES:
@@ -160,7 +216,9 @@ def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {source} has neither a pad nor an eos token; add one")
+            raise ModelLoadError(
+                f"tokenizer of {source} has neither a pad nor an eos token; add one and re-save it"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     model = _load_or_fail(
         AutoModelForCausalLM.from_pretrained,

@@ -27,6 +27,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from agpo_lab.errors import ConfigError
 from agpo_lab.tasks.base import Problem
 
 ANSWER_MARKER = "ans:"
@@ -187,9 +188,12 @@ class ArithmeticTask:
         self.levels = tuple(sorted(LEVELS)) if levels is None else tuple(levels)
         unknown = [lv for lv in self.levels if lv not in LEVELS]
         if unknown or not self.levels:
-            raise ValueError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {levels}")
+            raise ConfigError(f"task.levels={levels}: use a non-empty subset of {sorted(LEVELS)}")
         if n_train < len(self.levels) or n_eval < len(self.levels):
-            raise ValueError(f"n_train and n_eval must be >= the number of levels ({levels})")
+            raise ConfigError(
+                f"task.n_train={n_train}, task.n_eval={n_eval}: each must be >= the number of "
+                f"levels ({len(self.levels)})"
+            )
         self.seed, self.n_train, self.n_eval = seed, n_train, n_eval
         self._cache: dict[str, list[Problem]] = {}
 
@@ -214,7 +218,10 @@ class ArithmeticTask:
                     break
                 seen.add(sample_problem(level, rng, split)[0])
             if len(seen) < count:
-                raise ValueError(f"level {level} has fewer than {count} {split} questions; lower n")
+                raise ConfigError(
+                    f"task.n_{'train' if split == 'train' else 'eval'}={total}: level {level} has "
+                    f"fewer than {count} {split} questions; lower it"
+                )
             for question in sorted(seen, key=_order_key):
                 steps = solve_steps(question)
                 problems.append(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agpo_lab.errors import ConfigError, DataError, MissingFileError
 from agpo_lab.tasks.base import Problem
 from agpo_lab.tasks.verify import DEFAULT_TIMEOUT_S, score_completion
 
@@ -65,7 +66,7 @@ _EXPECTED_FIELDS = {
 
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name]
 
 
@@ -74,7 +75,7 @@ def normalize_split(name: str, split: str) -> str:
     split = "test" if split == "eval" else split
     if split not in _spec(name).splits:
         splits = list(_spec(name).splits)
-        raise ValueError(
+        raise ConfigError(
             f"{name} has no {split!r} split; it has {splits}: set task.train_split / "
             f"task.eval_split to one of them (e.g. task.train_split={splits[0]})"
         )
@@ -88,24 +89,24 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such JSONL file: {path}")
+        raise MissingFileError(f"no such JSONL file: {path}")
     rows = []
     with path.open(encoding="utf-8") as file:
         try:
             lines = list(file)
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from None
+            raise DataError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from None
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{line_number}: invalid JSON ({error.msg}); each line must be one object"
             ) from None
         if not isinstance(row, dict):
-            raise ValueError(
+            raise DataError(
                 f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}"
             )
         rows.append((line_number, row))
@@ -124,11 +125,11 @@ def row_to_problem(name: str, split: str, index: int, row: dict[str, Any], where
     """One dataset row as a `Problem`; `where` (e.g. "file.jsonl:3") prefixes any error."""
     question = row.get("question", row.get("problem"))
     if not isinstance(question, str) or "answer" not in row:
-        raise ValueError(f"{where}: needs fields {_EXPECTED_FIELDS[name]}; got {sorted(row)}")
+        raise DataError(f"{where}: needs fields {_EXPECTED_FIELDS[name]}; got {sorted(row)}")
     if name == "gsm8k":
         solution = str(row["answer"])
         if "####" not in solution:
-            raise ValueError(f"{where}: GSM8K answer has no '#### <number>' final line")
+            raise DataError(f"{where}: GSM8K answer has no '#### <number>' final line")
         answer = solution.rsplit("####", 1)[1].strip()
     else:
         solution, answer = str(row.get("solution") or ""), _clean_answer(row["answer"])
@@ -163,7 +164,7 @@ def _local_file(name: str, split: str, path: str | Path | None, split_files: dic
         if candidate.is_file():
             return candidate
     source = "path" if path is not None else DATA_DIR_ENV
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{name}: no {folder / name / (split + '.jsonl')} (from {source}); put a JSONL file with "
         f"fields {_EXPECTED_FIELDS[name]} there"
     )
@@ -176,7 +177,7 @@ def _load_from_hub(name: str, split: str) -> list[dict[str, Any]]:
         f"pass path=<dir> (or set {DATA_DIR_ENV}=<dir>), or pass path=<file.jsonl>"
     )
     if _hub_offline():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: no local data and the hub is offline (HF_*_OFFLINE); {hint}"
         )
     try:
@@ -186,9 +187,7 @@ def _load_from_hub(name: str, split: str) -> list[dict[str, Any]]:
         return [dict(row) for row in rows]
     except Exception as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise FileNotFoundError(
-            f"{name}: could not load {spec.hub_id} ({reason}); {hint}"
-        ) from None
+        raise MissingFileError(f"{name}: could not load {spec.hub_id} ({reason}); {hint}") from None
 
 
 def load_problems(
@@ -208,7 +207,7 @@ def load_problems(
         ]
     rows = read_jsonl(file)
     if not rows:
-        raise ValueError(f"{file}: no problems in it; expected JSONL with {_EXPECTED_FIELDS[name]}")
+        raise DataError(f"{file}: no problems in it; expected JSONL with {_EXPECTED_FIELDS[name]}")
     return [
         row_to_problem(name, split, i, row, f"{file}:{line_number}")
         for i, (line_number, row) in enumerate(rows)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agpo_lab.errors import ConfigError
+
 
 class Processes:
     """This process's place in the run: rank, world size, device, and the accelerator if any."""
@@ -101,5 +103,5 @@ def device_from(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but CUDA is not available; use run.device=cpu")
+        raise ConfigError(f"run.device={name!r} but CUDA is not available; use run.device=cpu")
     return torch.device(name)

@@ -1,4 +1,9 @@
-"""Ctrl-C as a request to stop: finish the current step, save, stop; a second Ctrl-C stops at once."""
+"""Ctrl-C and SIGTERM as a request to stop: finish the current step, save, stop; a second one stops
+at once.
+
+SIGTERM is what schedulers (Slurm, Kubernetes) and ``docker stop`` send before they kill a job; it
+is handled exactly like Ctrl-C, so a preempted run saves its last completed step and resumes.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,23 @@ import sys
 import threading
 from collections.abc import Iterator
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals that ask a run to stop."""
+
 
 class StopRequest:
-    """Set by the first Ctrl-C (`requested`); the second raises KeyboardInterrupt at once.
+    """Set by the first Ctrl-C or SIGTERM (`requested`); the second raises KeyboardInterrupt.
 
-    Usage: ``with stop.catching_ctrl_c(): while not stop.requested: ...``. Only the main thread
-    can install signal handlers; elsewhere Ctrl-C keeps its default behaviour.
+    Usage: ``with stop.catching_signals(): while not stop.requested: ...``. Only the main thread
+    can install signal handlers; elsewhere the signals keep their default behaviour.
     """
 
     def __init__(self) -> None:
         self.requested = False
 
     @contextlib.contextmanager
-    def catching_ctrl_c(self) -> Iterator[StopRequest]:
-        """Install the handler for the block and restore the previous one afterwards."""
+    def catching_signals(self) -> Iterator[StopRequest]:
+        """Install the handler for the block and restore the previous ones afterwards."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -30,10 +38,12 @@ class StopRequest:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print("\nCtrl-C: stopping after this step (press again to stop now)", file=sys.stderr)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: stopping after this step (again to stop now)", file=sys.stderr)
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)

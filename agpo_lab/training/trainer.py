@@ -19,6 +19,7 @@ for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -33,13 +34,20 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from agpo_lab.algorithms.loss import policy_loss
 from agpo_lab.config import TrainConfig
+from agpo_lab.errors import ConfigError
 from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import disable_dropout, load_policy
 from agpo_lab.rollout import completion_logprobs, generate
 from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
+from agpo_lab.training import faults
 from agpo_lab.training.batch import RowBatch
-from agpo_lab.training.checkpoints import TrainingState, export_policy, find_latest_checkpoint
+from agpo_lab.training.checkpoints import (
+    TrainingState,
+    export_policy,
+    load_checkpoint,
+    load_latest_good_checkpoint,
+)
 from agpo_lab.training.distributed import Processes
 from agpo_lab.training.interrupts import StopRequest
 from agpo_lab.training.metrics import RatioGuard, UpdateStats, rollout_metrics, sample_records
@@ -80,9 +88,27 @@ class Trainer:
         self.cfg = cfg = config.validate()
         self.processes = procs = Processes(cfg.run.device)
         if cfg.run.prompts_per_step % procs.world:
-            raise ValueError(
-                f"run.prompts_per_step must be divisible by the {procs.world} processes"
+            raise ConfigError(
+                f"run.prompts_per_step={cfg.run.prompts_per_step}: must be divisible by the "
+                f"{procs.world} processes"
             )
+        # The run directory first: a locked, unwritable or corrupt one fails before any model loads.
+        self.run_dir = RunDir(self._run_path())
+        resume_from = self._open_run_dir()
+        try:
+            self._build(model, tokenizer, task)
+            if resume_from is not None:
+                self.state.restore(*resume_from[1:], procs.rank, procs.world, resume_from[0])
+            if procs.rank == 0:  # the steps after the checkpoint run again: their rows go
+                self.run_dir.roll_back(self.step if self.step else -1)
+                self.run_dir.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, model: torch.nn.Module | None, tokenizer: Any, task: Task | None) -> None:
+        """Task, policy, reference, optimizer and the training state, as the config says."""
+        cfg, procs = self.cfg, self.processes
         torch.manual_seed(cfg.run.seed)  # model-side randomness (e.g. LoRA init) only
         self.task = task or build_task(cfg.task)
         self.problems = self.task.problems(cfg.task.train_split)
@@ -114,8 +140,6 @@ class Trainer:
         )
         self.stop = StopRequest()
         self._mid_update, self._ratio_guard = False, RatioGuard()  # the guard warns once per run
-        self.run_dir = RunDir(self._run_path())
-        self._open_run_dir()
 
     @property
     def step(self) -> int:
@@ -128,35 +152,53 @@ class Trainer:
         """Run until run.steps; returns this call's per-step metrics.
 
         `callback(step, metrics)` runs after each step; returning True stops after that step.
-        Ctrl-C stops after the current step and saves (press twice to stop at once; the
-        checkpoint is then kept only if the weights were not half-updated).
+        Ctrl-C or SIGTERM stops after the current step and saves (a second one stops at once; the
+        checkpoint is then kept only if the weights were not half-updated). status.json says
+        running, then finished, interrupted (resumable) or failed.
         """
         run, logged, rng_at_step_start = self.cfg.run, [], None
-        if run.eval_at_start and self.step == 0 and run.eval_every:
-            self._log({"step": 0, **self.evaluate()})
-        with self.stop.catching_ctrl_c():
-            try:
-                while self.step < run.steps and not self.stop.requested:
-                    rng_at_step_start = self.state.rng_state()
-                    step = self.step + 1
-                    metrics = {"step": step, **self.train_step()}
-                    if run.eval_every and (step % run.eval_every == 0 or step == run.steps):
-                        metrics.update(self.evaluate())
-                    self._log(metrics)
-                    self.state.step += 1
-                    rng_at_step_start, self._mid_update = None, False
-                    logged.append(metrics)
-                    if run.save_every and self.step % run.save_every == 0:
-                        self.save_checkpoint()
-                    if callback is not None and callback(self.step, metrics) is True:
-                        break
-            except KeyboardInterrupt:
-                self._save_after_hard_interrupt(rng_at_step_start)
-                return logged
-        self.save_checkpoint()
-        if self.step >= run.steps:
-            self.export_policy()
+        self._set_status("running")
+        try:
+            if run.eval_at_start and self.step == 0 and run.eval_every:
+                self._log({"step": 0, **self.evaluate()})
+            with self.stop.catching_signals():
+                try:
+                    while self.step < run.steps and not self.stop.requested:
+                        faults.point("step.start")
+                        rng_at_step_start = self.state.rng_state()
+                        step = self.step + 1
+                        metrics = {"step": step, **self.train_step()}
+                        if run.eval_every and (step % run.eval_every == 0 or step == run.steps):
+                            metrics.update(self.evaluate())
+                        self._log(metrics)
+                        self.state.step += 1
+                        rng_at_step_start, self._mid_update = None, False
+                        logged.append(metrics)
+                        if run.save_every and self.step % run.save_every == 0:
+                            self.save_checkpoint()
+                        if callback is not None and callback(self.step, metrics) is True:
+                            break
+                except KeyboardInterrupt:
+                    self._save_after_hard_interrupt(rng_at_step_start)
+                    self._set_status("interrupted")
+                    return logged
+            self.save_checkpoint()
+            if self.step >= run.steps:
+                self.export_policy()
+                self._set_status("finished")
+            else:
+                self._set_status("interrupted")
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                self._set_status("failed", f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            self.close()
         return logged
+
+    def close(self) -> None:
+        """Release the run directory (its lock); `train` takes it again when called."""
+        self.run_dir.close()
 
     def train_step(self) -> dict[str, Any]:
         """One RL step (rollout, rewards, advantages, update); returns its metrics."""
@@ -176,6 +218,7 @@ class Trainer:
             batch, dynamic, extra_tokens = self._replace_dropped_groups(batch)
             metrics.update(dynamic)
         t1 = time.perf_counter()
+        faults.point("step.rollout")
         metrics.update(self._update(batch))
         every, n = self.cfg.run.log_samples_every, self.cfg.run.num_samples
         if procs.rank == 0 and every and (self.step + 1) % every == 0:
@@ -310,6 +353,7 @@ class Trainer:
             step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
             self._mid_update = True  # from here on the weights differ from the step's start
             state.optimizer.step()
+            faults.point("update.optimizer_step")
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
@@ -358,19 +402,33 @@ class Trainer:
             run.name = self.processes.broadcast(name)  # every process must agree on the timestamp
         return Path(run.out_dir) / run.name
 
-    def _open_run_dir(self) -> None:
-        """Create the run directory, or resume it; never overwrite an existing run silently."""
-        latest = find_latest_checkpoint(self.run_dir.path)
-        if (latest or self.run_dir.metrics_path.exists()) and not self.cfg.run.resume:
-            raise ValueError(
-                f"{self.run_dir.path} already holds a run; set run.resume=true to "
-                "continue it or choose another run.name"
-            )
-        if latest is not None:
-            self.load_checkpoint(latest)
+    def _open_run_dir(self) -> tuple[Path, dict, dict] | None:
+        """Open the run directory (lock, repair) and read the checkpoint to resume from, if any:
+        (path, weights, state) of the newest one that passes its checksum, else None. Never
+        overwrites an existing run silently."""
+        procs, chosen = self.processes, None
+        if procs.rank == 0:
+            self.run_dir.open()
+            if self.run_dir.holds_a_run() and not self.cfg.run.resume:
+                self.run_dir.close()
+                raise ConfigError(
+                    f"{self.run_dir.path} already holds a run; set run.resume=true to continue it "
+                    "or choose another run.name"
+                )
+            found = load_latest_good_checkpoint(self.run_dir.path, quarantine=True)
+            chosen = None if found is None else str(found[0])
+        chosen = procs.broadcast(chosen)  # every process resumes from the same checkpoint
+        if chosen is None:
+            return None
+        if procs.rank == 0:
+            return found
+        return (Path(chosen), *load_checkpoint(chosen))
+
+    def _set_status(self, state: str, message: str = "") -> None:
         if self.processes.rank == 0:
-            self.run_dir.truncate_metrics(self.step)  # a resume re-runs (and re-logs) later steps
-            self.run_dir.write_config(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            if not self.run_dir.is_open:  # a second train() call on this Trainer
+                self.run_dir.open()
+            self.run_dir.set_status(state, self.step, self.cfg.run.steps, message)
 
     def _save_after_hard_interrupt(self, rng_at_step_start: dict | None) -> None:
         """KeyboardInterrupt mid-step: save the state after the last completed step, unless the
