@@ -69,8 +69,12 @@ def train_main(argv: list[str]) -> int:
     parser = _keys_parser("train", train_main.__doc__ or "", SECTIONS)
     parser.add_argument("config", help="a YAML config file, or a run directory to resume")
     parser.add_argument("overrides", nargs="*", help="section.key=value (listed below)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (also transformers')"
+    )
     args = parser.parse_intermixed_args(argv)
+    if args.quiet:
+        _silence_progress_bars()
     path = Path(args.config)
     if path.is_dir():  # a run directory: continue it with its own saved config
         cfg = load_config(path / "config.yaml", [*args.overrides, "run.resume=true"])
@@ -93,6 +97,15 @@ def train_main(argv: list[str]) -> int:
     bar.close()
     print(f"run directory: {trainer.run_dir.path}")
     return 0
+
+
+def _silence_progress_bars() -> None:
+    """No "Loading weights" / "Writing model shards" bars from transformers and the hub."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 # ---- eval ------------------------------------------------------------------------------------

@@ -224,3 +224,24 @@ def test_eval_on_a_run_directory_uses_its_latest_checkpoint(tiny_qwen2, char_tok
             "eval.max_new_tokens=2", "--out", str(other)]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(other.read_text())["eval/n_problems"] == 7
+
+
+def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
+    from agpo_lab import cli
+    from agpo_lab.errors import DataError
+
+    monkeypatch.setitem(
+        cli.VERBS, "bench", lambda argv: (_ for _ in ()).throw(DataError("bad row"))
+    )
+    assert main(["bench"]) == 2
+    assert capsys.readouterr().err == "agpo-lab bench: bad row\n"
+    monkeypatch.setitem(cli.VERBS, "bench", lambda argv: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["bench"])
+
+
+def test_an_unreachable_hub_model_is_one_line(tiny_config, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", str(tiny_config), "model.name_or_path=no-org/no-model", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a local folder nor reachable" in err and err.count("\n") == 1

@@ -55,11 +55,6 @@ def test_length_distributions():
     assert len(fig.axes) == 2
 
 
-def test_zero_variance_probability_formula():
-    assert plots.zero_variance_probability(0.5, 8) == pytest.approx(2 * 0.5**8)
-    assert plots.zero_variance_probability(0.9, 8) == pytest.approx(0.9**8 + 0.1**8)
-    assert plots.zero_variance_probability(np.array([0.0, 1.0]), 4).tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError):
-        plots.zero_variance_probability(1.5, 4)
+def test_zero_variance_probability_plot():
     measured = pd.DataFrame({"p": [0.2, 0.8], "frac_zero_var": [0.2, 0.3], "label": ["x", "x"]})
     _labels(plots.plot_zero_variance_probability(measured=measured))

@@ -1,8 +1,14 @@
 import math
 
+import numpy as np
 import pytest
 
-from agpo_lab.experiments.stats import mean_ci95, ratio_ci95, t_critical_95
+from agpo_lab.experiments.stats import (
+    mean_ci95,
+    ratio_ci95,
+    t_critical_95,
+    zero_variance_probability,
+)
 
 
 def test_mean_ci95_hand_computed():
@@ -32,3 +38,11 @@ def test_ratio_ci95_delta_method():
     assert math.isnan(ratio_ci95([60], [40])[1])
     with pytest.raises(ValueError, match="denominator"):
         ratio_ci95([1, 2], [0, 0])
+
+
+def test_zero_variance_probability_formula():
+    assert zero_variance_probability(0.5, 8) == pytest.approx(2 * 0.5**8)
+    assert zero_variance_probability(0.9, 8) == pytest.approx(0.9**8 + 0.1**8)
+    assert zero_variance_probability(np.array([0.0, 1.0]), 4).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        zero_variance_probability(1.5, 4)

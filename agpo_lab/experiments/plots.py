@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from agpo_lab.experiments.zero_variance import zero_variance_probability
+from agpo_lab.experiments.stats import zero_variance_probability
 
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Reward", ("reward/mean",), "mean reward per completion"),

@@ -30,18 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from agpo_lab.config import ReproduceConfig, load_config
+from agpo_lab.config import ReproduceConfig
 from agpo_lab.errors import AgpoLabError, ConfigError, Interrupted
-from agpo_lab.evaluation import evaluate_records, summarize_records
 from agpo_lab.experiments.methods import METHODS, REFERENCE
 from agpo_lab.experiments.report import write_report
-from agpo_lab.models.loading import load_policy
-from agpo_lab.tasks.registry import build_task
 from agpo_lab.training.run_dir import FolderLock, write_file
-from agpo_lab.training.trainer import Trainer
 
 QUICK_OVERRIDES = ["run.steps=3", "run.prompts_per_step=4", "eval.n_problems=16", "eval.k=2"]
 """quick: the same pipeline with a tiny budget (a smoke test, not a result)."""
@@ -80,6 +75,10 @@ def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
     ]
 
 
+EXIT_INTERRUPTED = 3
+"""A job process's exit status when its training stopped before the end (resumable)."""
+
+
 def job_result(job: Job) -> dict | None:
     """The job's result.json when the job is complete; None when it is not (or the file is
     unreadable, in which case the job runs again: a resumed run finishes at once)."""
@@ -89,57 +88,11 @@ def job_result(job: Job) -> dict | None:
         return None
 
 
-def run_job(job: Job) -> dict | None:
-    """Train (unless reference), evaluate on the held-out split, write result.json; return it.
-
-    Returns None, and writes no result, when the training stopped before its last step (Ctrl-C
-    or SIGTERM): the run saved its checkpoint and a later call resumes it.
-    """
-    done = job_result(job)
-    if done is not None:
-        return done
-    torch.set_num_threads(job.threads)
-    started = time.perf_counter()
-    overrides = [
-        *job.overrides,
-        f"run.seed={job.seed}",
-        f"eval.seed={job.seed}",
-        f"run.out_dir={job.run_dir.parent}",
-        f"run.name={job.run_dir.name}",
-        "run.resume=true",
-    ]
-    cfg = load_config(job.base_config, overrides)
-    if job.method == REFERENCE:  # the starting checkpoint, evaluated without training
-        model, tokenizer = load_policy(cfg.model, "cpu")
-        task, device = build_task(cfg.task), torch.device("cpu")
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        trainer = Trainer(cfg)
-        trainer.train()
-        if trainer.step < cfg.run.steps:  # stopped early: never a complete run
-            return None
-        model, tokenizer, task, device = (
-            trainer.policy,
-            trainer.tokenizer,
-            trainer.task,
-            trainer.processes.device,
-        )
-    problems = task.problems(cfg.task.eval_split)
-    generator = torch.Generator(device).manual_seed(cfg.eval.seed)
-    records = evaluate_records(model, tokenizer, task, problems, cfg.eval, generator=generator)
-    write_file(job.run_dir / "eval_records.csv", records.to_csv(index=False).encode())
-    result = {"method": job.method, "seed": job.seed, **summarize_records(records, cfg.eval.k)}
-    result["wall_seconds"] = time.perf_counter() - started
-    result["threads"] = job.threads
-    write_file(job.run_dir / "result.json", json.dumps(result, indent=1).encode())  # complete
-    return result
-
-
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
     """Run every job (skipping complete ones), then write tables and figures; return the folder.
 
-    Each job is its own process (`python -m agpo_lab.experiments.reproduce JOB`, in its own
-    session, its output in the run's run.log), `cfg.jobs` at a time. Ctrl-C or SIGTERM starts no
+    Each job is its own process (`python -m agpo_lab.experiments.job JOB`, in its own session,
+    its output in the run's run.log), `cfg.jobs` at a time. Ctrl-C or SIGTERM starts no
     further job and asks the running ones to stop after their current step (a second one: at
     once); then an Interrupted error says how far it got, and the same command continues from there.
     A job that fails does not stop the others; the failures are reported at the end.
@@ -175,10 +128,6 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
         for name in DOCS_FILES:
             shutil.copyfile(root / name, docs / name)
     return root
-
-
-EXIT_INTERRUPTED = 3
-"""A job process's exit status when its training stopped before the end (resumable)."""
 
 
 @dataclass
@@ -226,7 +175,7 @@ def _run_jobs(jobs: list[Job], parallel: int, progress: bool) -> _Outcome:
 
 
 def _start(job: Job) -> subprocess.Popen:
-    """The job as `python -m agpo_lab.experiments.reproduce JOB`, its output appended to run.log.
+    """The job as `python -m agpo_lab.experiments.job JOB`, its output appended to run.log.
 
     It runs in its own session, so a terminal's Ctrl-C reaches it only through `reproduce`, and
     it starts with SIGINT ignored (inherited through exec), so a stop request counts only where
@@ -239,7 +188,7 @@ def _start(job: Job) -> subprocess.Popen:
     try:
         with open(job.run_dir / "run.log", "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "agpo_lab.experiments.reproduce", spec],
+                [sys.executable, "-m", "agpo_lab.experiments.job", spec],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -254,20 +203,3 @@ def _last_line(log: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1].strip()[:300] if lines else "empty log"
-
-
-def _job_main(spec: str) -> int:
-    """A job process: run the job; exit 0 when complete, EXIT_INTERRUPTED when stopped early."""
-    data = json.loads(spec)
-    job = Job(**{**data, "run_dir": Path(data["run_dir"]), "overrides": tuple(data["overrides"])})
-    try:
-        return 0 if run_job(job) is not None else EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a second stop request during training
-        return EXIT_INTERRUPTED
-    except AgpoLabError as err:
-        print(f"agpo-lab reproduce ({job.method}/seed{job.seed}): {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_job_main(sys.argv[1]))

@@ -1,9 +1,12 @@
-"""Small statistics for reporting results over seeds: means with 95% confidence intervals."""
+"""Small statistics: means and ratios with 95% confidence intervals over seeds, and how likely a
+group of G completions is to carry no GRPO gradient."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 # Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30 (standard tables).
 _T975 = (
@@ -58,3 +61,16 @@ def ratio_ci95(numerators: Sequence[float], denominators: Sequence[float]) -> tu
     se_b = half_b / t_critical_95(len(denominators) - 1)
     se = abs(ratio) * math.sqrt((se_a / a) ** 2 + (se_b / b) ** 2)
     return ratio, t_critical_95(min(len(numerators), len(denominators)) - 1) * se
+
+
+def zero_variance_probability(p: np.ndarray | float, group_size: int) -> np.ndarray:
+    """P(a group of G completions has zero reward variance) = p^G + (1-p)^G for 0/1 rewards.
+
+    Example: p = 0.5, G = 8 gives 2 * 0.5^8 = 0.0078; p = 0.9, G = 8 gives 0.430.
+    """
+    if group_size < 1:
+        raise ValueError(f"zero_variance_probability: group_size must be >= 1, got {group_size}")
+    p = np.asarray(p, dtype=float)
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError("zero_variance_probability: p must lie in [0, 1]")
+    return p**group_size + (1 - p) ** group_size

@@ -1,6 +1,6 @@
-"""How often groups carry no GRPO gradient: analytically and measured on evaluation records.
+"""How often groups carry no GRPO gradient, measured on evaluation records (the analytic
+p^G + (1-p)^G is `stats.zero_variance_probability`).
 
-    zero_variance_probability(p, G)    -> p^G + (1-p)^G, for a per-sample success probability p
     reward_table(records)              -> [num_problems, G] 0/1 rewards + one row per problem
     group_outcomes_by_level(records)   -> all-correct / all-wrong / mixed fractions per level,
                                           next to the analytic probability
@@ -10,24 +10,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
 from agpo_lab.algorithms import group_stats
-
-
-def zero_variance_probability(p: np.ndarray | float, group_size: int) -> np.ndarray:
-    """P(a group of G completions has zero reward variance) = p^G + (1-p)^G for 0/1 rewards.
-
-    Example: p = 0.5, G = 8 gives 2 * 0.5^8 = 0.0078; p = 0.9, G = 8 gives 0.430.
-    """
-    if group_size < 1:
-        raise ValueError(f"zero_variance_probability: group_size must be >= 1, got {group_size}")
-    p = np.asarray(p, dtype=float)
-    if np.any((p < 0) | (p > 1)):
-        raise ValueError("zero_variance_probability: p must lie in [0, 1]")
-    return p**group_size + (1 - p) ** group_size
+from agpo_lab.experiments.stats import zero_variance_probability
 
 
 def reward_table(records: pd.DataFrame) -> tuple[torch.Tensor, pd.DataFrame]:

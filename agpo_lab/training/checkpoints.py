@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from agpo_lab.config import ModelConfig, TrainConfig, load_config
@@ -147,12 +147,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: A
             os.fsync(f.fileno())
         faults.point("checkpoint.written")
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         with contextlib.suppress(OSError):
             tmp.unlink()
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:160]
         raise RunDirError(
-            f"could not write checkpoint {path} ({err.strerror or type(err).__name__}); the "
-            "earlier checkpoints are intact: free space (or fix the folder) and resume the run"
+            f"could not write checkpoint {path} ({reason}); the earlier checkpoints are intact: "
+            "free space (or fix the folder) and resume the run"
         ) from None
     faults.point("checkpoint.replaced")
     return path

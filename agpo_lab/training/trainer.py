@@ -96,11 +96,13 @@ class Trainer:
         self.run_dir = RunDir(self._run_path())
         resume_from = self._open_run_dir()
         try:
+            if procs.rank == 0:  # the steps after the checkpoint run again: their rows go
+                step = 0 if resume_from is None else int(resume_from[2]["step"])
+                self.run_dir.roll_back(step if step else -1)  # at 0 the start eval reruns too
             self._build(model, tokenizer, task)
             if resume_from is not None:
                 self.state.restore(*resume_from[1:], procs.rank, procs.world, resume_from[0])
-            if procs.rank == 0:  # the steps after the checkpoint run again: their rows go
-                self.run_dir.roll_back(self.step if self.step else -1)
+            if procs.rank == 0:
                 self.run_dir.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         except BaseException:
             self.close()
@@ -159,10 +161,10 @@ class Trainer:
         run, logged, rng_at_step_start = self.cfg.run, [], None
         self._set_status("running")
         try:
-            if run.eval_at_start and self.step == 0 and run.eval_every:
-                self._log({"step": 0, **self.evaluate()})
             with self.stop.catching_signals():
                 try:
+                    if run.eval_at_start and self.step == 0 and run.eval_every:
+                        self._log({"step": 0, **self.evaluate()})
                     while self.step < run.steps and not self.stop.requested:
                         faults.point("step.start")
                         rng_at_step_start = self.state.rng_state()
@@ -182,12 +184,12 @@ class Trainer:
                     self._save_after_hard_interrupt(rng_at_step_start)
                     self._set_status("interrupted")
                     return logged
-            self.save_checkpoint()
-            if self.step >= run.steps:
-                self.export_policy()
-                self._set_status("finished")
-            else:
-                self._set_status("interrupted")
+                self.save_checkpoint()  # still listening: a stop request cannot cut these short
+                if self.step >= run.steps:
+                    self.export_policy()
+                    self._set_status("finished")
+                else:
+                    self._set_status("interrupted")
         except BaseException as err:
             with contextlib.suppress(Exception):
                 self._set_status("failed", f"{type(err).__name__}: {err}")
