@@ -30,8 +30,9 @@ reproduce: setup
 reproduce-quick: setup
 	$(VENV)/bin/agpo-lab reproduce --quick $(ARGS)
 
+# JupyterLab at the repository root (README and docs reachable), opened on the notebooks folder.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -126,7 +126,10 @@ def eval_main(argv: list[str]) -> int:
     add("--device", default="cpu", help="cpu, cuda or cuda:N")
     add("--out", help="write the metrics as JSON here (default for a run: RUN/eval.json)")
     add("--records", help="also write one row per completion to this .csv")
+    add("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
+    if args.quiet:
+        _silence_progress_bars()
     foreign = [o for o in args.overrides if o.partition(".")[0] not in ("eval", "task")]
     if foreign:
         raise UsageError(f"{foreign[0]!r}: eval takes only eval.* and task.* overrides")
@@ -148,7 +151,8 @@ def eval_main(argv: list[str]) -> int:
     model, tokenizer, _, description = load_run_policy(args.target, args.device)
     task = build_task(cfg.task)
     problems = task.problems(args.split or cfg.task.eval_split)
-    records = evaluate_records(model, tokenizer, task, problems, cfg.eval)
+    eval_cfg = dataclasses.replace(cfg.eval, progress=cfg.eval.progress or not args.quiet)
+    records = evaluate_records(model, tokenizer, task, problems, eval_cfg)
     metrics = summarize_records(records, cfg.eval.k)
     print(f"{description}, task {cfg.task.name}, {records['problem_id'].nunique()} problems")
     for key, value in metrics.items():

@@ -32,6 +32,7 @@ from agpo_lab.errors import ConfigError, MissingFileError
 from agpo_lab.paths import CONFIGS_DIR, DOCS_RESULTS_DIR, EMBEDDED_MODEL_DIR
 
 TaskName = Literal["arithmetic", "gsm8k", "math500", "aime24", "amc23"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
 """Difficulty levels of the embedded task (described in `agpo_lab.tasks.arithmetic.LEVELS`)."""
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
@@ -321,6 +322,10 @@ class RunConfig(Settings):
     """How many completions are written each time samples are logged."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda" or "cuda:N"."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Experiment trackers that also receive every step's metrics and the config (accelerate's):
+    tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow, trackio. Their files
+    go into the run directory (tensorboard/, wandb/, mlruns/). metrics.jsonl is always written."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
@@ -338,6 +343,10 @@ class RunConfig(Settings):
             self.device in ("auto", "cpu", "cuda") or cuda_n,
             "use auto, cpu, cuda or cuda:N",
         )
+        trackers = get_args(Tracker)
+        known = all(t in trackers for t in self.report_to)
+        once = len(set(self.report_to)) == len(self.report_to)
+        check("report_to", known and once, f"choose among {', '.join(trackers)}, each once")
 
 
 @dataclass
@@ -362,6 +371,8 @@ class EvalConfig(Settings):
     """Seed of the sampling generator used when the caller passes none (same seed, same samples)."""
     greedy: bool = True
     """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
+    progress: bool = False
+    """Show a progress bar (with an ETA) over the evaluation's generation batches."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from agpo_lab.config import EvalConfig, RolloutConfig
 from agpo_lab.errors import DataError
@@ -64,11 +65,12 @@ def _generate_rows(
     greedy: bool,
     cfg: EvalConfig,
     generator: torch.Generator | None,
+    bar: tqdm,
 ) -> list[tuple[str, int, bool]]:
     """(text, tokens, truncated) for every completion, prompt-major, generated in chunks.
 
     `rollout.generate` draws one completion per prompt string, so each prompt is repeated
-    `samples_per_prompt` times; temperature 0 is its greedy decoding.
+    `samples_per_prompt` times; temperature 0 is its greedy decoding. `bar` counts completions.
     """
     rollout_cfg = RolloutConfig(
         temperature=0.0 if greedy else cfg.temperature,
@@ -85,6 +87,7 @@ def _generate_rows(
         rows.extend(
             zip(out.texts, map(int, out.lengths.tolist()), map(bool, out.truncated.tolist()))
         )
+        bar.update(len(repeated))
     return rows
 
 
@@ -116,8 +119,10 @@ def evaluate_records(
     records = []
     # (greedy?, completions per problem): one greedy pass, then k samples per problem.
     passes = [(True, 1)] * cfg.greedy + [(False, cfg.k)] * (cfg.k > 0)
+    total = len(prompts) * sum(per_prompt for _, per_prompt in passes)
+    bar = tqdm(total=total, desc="held-out evaluation", unit="completion", disable=not cfg.progress)
     for greedy, per_prompt in passes:
-        rows = _generate_rows(model, tokenizer, prompts, per_prompt, greedy, cfg, generator)
+        rows = _generate_rows(model, tokenizer, prompts, per_prompt, greedy, cfg, generator, bar)
         for row_index, (text, tokens, truncated) in enumerate(rows):
             problem = problems[row_index // per_prompt]
             score = float(task.score(text, problem))
@@ -134,6 +139,7 @@ def evaluate_records(
                     "correct": is_correct(score),
                 }
             )
+    bar.close()
     return pd.DataFrame.from_records(records)
 
 

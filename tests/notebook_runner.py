@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbformat.NotebookNode:
@@ -32,48 +34,107 @@ def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbfor
 def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path]:
     """Write each PNG output of the executed notebook to `figure_dir`; return the paths.
 
-    The folder is emptied first, so no figure of an earlier version of the notebook lingers.
+    Both the cells' outputs and those captured by Output widgets (the live training view) count;
+    the latter are named widgetNN_M.png. The folder is emptied first, so no figure of an earlier
+    version of the notebook lingers.
     """
     if figure_dir.is_dir():
         for stale in figure_dir.glob("*.png"):
             stale.unlink()
     figure_dir.mkdir(parents=True, exist_ok=True)
+    state = notebook.metadata.get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}
+    )
+    widget_outputs = [
+        m.get("state", {}).get("outputs", []) for m in state.get("state", {}).values()
+    ]
+    sources = [(f"cell{i:02d}", c.get("outputs", [])) for i, c in enumerate(notebook.cells)]
+    sources += [(f"widget{i:02d}", outputs) for i, outputs in enumerate(widget_outputs) if outputs]
     written = []
-    for cell_index, cell in enumerate(notebook.cells):
-        for output_index, output in enumerate(cell.get("outputs", [])):
+    for prefix, outputs in sources:
+        for output_index, output in enumerate(outputs):
             png = output.get("data", {}).get("image/png")
             if png:
-                path = figure_dir / f"cell{cell_index:02d}_{output_index}.png"
+                path = figure_dir / f"{prefix}_{output_index}.png"
                 path.write_bytes(base64.b64decode(png))
                 written.append(path)
     return written
 
 
-HANG_GUARD_S = 1800
-"""Per-cell limit: only a hung kernel reaches it (a cell with small settings takes seconds, also
-on a loaded machine); it turns a hang into a failure instead of a stuck test run."""
+HANG_GUARD_S = 600
+"""Per-cell limit in the tests: only a hung kernel reaches it (a cell with small settings takes
+seconds, also on a loaded machine); it turns a hang into a retry, then a failure, instead of a
+stuck test run."""
 
 
 def run_notebook(
-    path: Path, overrides: dict, figure_dir: Path
+    path: Path, overrides: dict, figure_dir: Path, hang_guard_s: float | None = HANG_GUARD_S
 ) -> tuple[nbformat.NotebookNode, list[Path]]:
-    """Execute `path` with `overrides` injected; return the executed notebook and figure paths."""
-    notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
-    client = NotebookClient(
-        notebook,
-        timeout=HANG_GUARD_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
-    )
+    """Execute `path` with `overrides` injected; return the executed notebook and figure paths.
+
+    A kernel that stops answering (a lost message between nbclient and the kernel was seen once
+    in many runs, with both sides idle) is restarted and the notebook run once more, with a note
+    on stderr; an error in a cell is never retried.
+    """
     # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
     # draws nothing. The inline backend is what JupyterLab uses and what puts PNGs in outputs.
     saved = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
-        client.execute()
+        for attempt in (1, 2):
+            notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
+            client = NotebookClient(
+                notebook,
+                timeout=hang_guard_s,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(path.parent)}},
+            )
+            try:
+                client.execute()
+                break
+            except (CellTimeoutError, DeadKernelError) as err:
+                if attempt == 2:
+                    raise
+                print(f"{path.name}: the kernel stopped answering ({type(err).__name__}); "
+                      "running the notebook once more", file=sys.stderr)  # fmt: skip
     finally:
         if saved is None:
             os.environ.pop("MPLBACKEND", None)
         else:
             os.environ["MPLBACKEND"] = saved
     return notebook, save_figures(notebook, figure_dir / path.stem)
+
+
+def main() -> None:
+    """`python tests/notebook_runner.py NOTEBOOK [--small]`: run a notebook headless as JupyterLab
+    would (its defaults, or the test settings), print its wall time, save its figures."""
+    import argparse
+    import ast
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("--small", action="store_true", help="inject SMALL = True (the tests)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="more parameters, values as Python literals (STEPS=80)")  # fmt: skip
+    args = parser.parse_args()
+    overrides = {"SMALL": True} if args.small else {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = ast.literal_eval(value)
+    started = time.perf_counter()
+    executed, figures = run_notebook(
+        args.notebook.resolve(),
+        overrides,
+        args.notebook.resolve().parent / "_figures",
+        hang_guard_s=None,  # bigger settings may run long cells
+    )
+    errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    print(f"{args.notebook.name}: {int(minutes)} min {seconds:.0f} s, {len(figures)} figures, "
+          f"{len(errors)} errors")  # fmt: skip
+    raise SystemExit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()

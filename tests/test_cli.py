@@ -242,6 +242,7 @@ def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
 
 def test_an_unreachable_hub_model_is_one_line(tiny_config, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["train", str(tiny_config), "model.name_or_path=no-org/no-model", "--quiet"]) == 2
+    argv = ["train", str(tiny_config), "model.name_or_path=no-org/no-model", "run.name=hub"]
+    assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "neither a local folder nor reachable" in err and err.count("\n") == 1

@@ -23,7 +23,7 @@ def _fake_metrics() -> pd.DataFrame:
 def _labels(fig):
     for ax in fig.axes:
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
-        assert ax.get_legend() is not None
+        assert ax.get_legend() is not None or fig.legends  # per panel or one for the figure
 
 
 def test_training_curves_have_one_line_per_method_and_metric():
@@ -33,6 +33,18 @@ def test_training_curves_have_one_line_per_method_and_metric():
     assert len(fig.axes[2].get_lines()) == 4  # 2 methods x (correct, wrong)
     reward_line = fig.axes[0].get_lines()[0]
     assert len(reward_line.get_xdata()) == 10
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["grpo", "agpo"]
+    assert fig.legends[0].get_title().get_text() == ""  # different curves: no note
+    ticks = fig.axes[0].xaxis.get_major_locator().tick_values(0, 3)
+    assert all(float(t).is_integer() for t in ticks)  # whole RL steps
+
+
+def test_identical_curves_are_named_in_a_note():
+    metrics = _fake_metrics()
+    twin = metrics[metrics["method"] == "grpo"].assign(method="agpo-twin")
+    fig = plots.plot_training_curves(pd.concat([metrics, twin]))
+    note = fig.legends[0].get_title().get_text()
+    assert "identical curves" in note and "grpo and agpo-twin" in note
 
 
 def test_zero_variance_and_accuracy_vs_tokens():

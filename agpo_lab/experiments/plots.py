@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from agpo_lab.experiments.stats import zero_variance_probability
 
@@ -22,7 +24,8 @@ TRAINING_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Completion length", ("length/mean_correct", "length/mean_wrong"), "tokens per completion"),
     ("Zero-variance groups", ("zero_var/all_correct", "zero_var/all_wrong"), "fraction of groups"),
 )
-_STYLES = {"length/mean_wrong": "--", "zero_var/all_wrong": "--"}
+"""(title, metric columns, y label) of each panel; a second column is drawn dashed."""
+_STYLES = ("-", "--", ":")
 
 
 def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -42,35 +45,77 @@ def _band(frame: pd.DataFrame, metric: str, window: int) -> pd.DataFrame:
     return per_seed.groupby("step")[metric].agg(["mean", "min", "max"]).reset_index()
 
 
+def _panel_title(title: str, columns: tuple[str, ...]) -> str:
+    if len(columns) == 1:
+        return title
+    styles = ", ".join(
+        f"{name}: {column.split('/')[-1].removeprefix('mean_').replace('_', ' ')}"
+        for name, column in zip(("solid", "dashed", "dotted"), columns)
+    )
+    return f"{title}\n({styles})"
+
+
 def plot_training_curves(
     metrics: pd.DataFrame,
     panels: Sequence[tuple[str, tuple[str, ...], str]] = TRAINING_PANELS,
     smooth: int = 5,
     title: str = "Training curves (mean over seeds, band = min..max)",
+    fontsize: float = 10,
 ) -> Figure:
-    """One panel per quantity, one colour per method; dashed lines are the second metric."""
+    """One panel per quantity, one colour per method (the legend below the panels); a panel's
+    second metric is dashed. RL steps are whole numbers on the x axis. Methods whose curves are
+    identical in every panel (they overlap and look like one) are named in a note under the
+    legend. `fontsize` scales every text of the figure."""
     _require_columns(metrics, ["step", "method", "seed"], "plot_training_curves")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    colours = dict(zip(metrics["method"].unique(), plt.cm.tab10.colors, strict=False))
-    for ax, (panel_title, columns, unit) in zip(axes[0], panels, strict=True):
-        for method, frame in metrics.groupby("method", sort=False):
-            for column in columns:
-                if column not in frame or frame[column].isna().all():
-                    continue
-                band = _band(frame.dropna(subset=[column]), column, smooth)
-                label = method if len(columns) == 1 else f"{method}: {column.split('/')[-1]}"
-                ax.plot(band["step"], band["mean"], _STYLES.get(column, "-"),
-                        color=colours[method], label=label)  # fmt: skip
-                ax.fill_between(band["step"], band["min"], band["max"], color=colours[method],
-                                alpha=0.15, linewidth=0)  # fmt: skip
-        ax.set_title(panel_title)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
+    with plt.rc_context({"font.size": fontsize}):
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(4.2 * len(panels), 3.9), squeeze=False, layout="constrained"
+        )
+        methods = list(metrics["method"].unique())
+        colours = dict(zip(methods, plt.cm.tab10.colors, strict=False))
+        drawn: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+        for ax, (panel_title, columns, unit) in zip(axes[0], panels, strict=True):
+            for method, frame in metrics.groupby("method", sort=False):
+                for column, style in zip(columns, _STYLES):
+                    if column not in frame or frame[column].isna().all():
+                        continue
+                    band = _band(frame.dropna(subset=[column]), column, smooth)
+                    ax.plot(band["step"], band["mean"], style, color=colours[method])
+                    ax.fill_between(band["step"], band["min"], band["max"],
+                                    color=colours[method], alpha=0.15, linewidth=0)  # fmt: skip
+                    drawn[method].append(band[["step", "mean"]].to_numpy())
+            ax.set_title(_panel_title(panel_title, columns))
+            ax.set_xlabel("RL step")
+            ax.set_ylabel(unit)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=colours[m], linewidth=2) for m in methods]
+        legend = fig.legend(
+            handles, methods, loc="outside lower center", ncols=min(4, len(methods))
+        )
+        twins = _identical(drawn)
+        if twins:
+            note = "; ".join(" and ".join(group) for group in twins)
+            legend.set_title(f"identical curves, drawn on top of each other: {note}")
+        fig.suptitle(title)
     return fig
+
+
+def _identical(drawn: dict[str, list[np.ndarray]]) -> list[list[str]]:
+    """Groups of methods whose every drawn curve is the same (so only the last one is visible)."""
+    groups: list[list[str]] = []
+    for method, curves in drawn.items():
+        for group in groups:
+            other = drawn[group[0]]
+            if len(other) == len(curves) and all(
+                a.shape == b.shape and np.allclose(a, b, equal_nan=True)
+                for a, b in zip(other, curves)
+            ):
+                group.append(method)
+                break
+        else:
+            groups.append([method])
+    return [group for group in groups if len(group) > 1 and drawn[group[0]]]
 
 
 def plot_accuracy_vs_tokens(
@@ -108,28 +153,38 @@ def plot_zero_variance(metrics: pd.DataFrame, smooth: int = 5) -> Figure:
 
 
 def plot_length_distributions(
-    records: pd.DataFrame, bins: int = 30, title: str = "Completion lengths on the held-out split"
+    records: pd.DataFrame,
+    bins: int = 30,
+    title: str = "Completion lengths on the held-out split",
+    columns: int = 3,
 ) -> Figure:
-    """Histograms of completion length for correct and wrong completions, one panel per method.
+    """Histograms of completion length for correct and wrong completions, one panel per method,
+    at most `columns` panels per row (all on the same length axis).
 
     `records` has one row per completion with columns method, tokens, correct.
     """
     _require_columns(records, ["method", "tokens", "correct"], "plot_length_distributions")
     methods = list(records["method"].unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False)
+    cols = min(columns, len(methods))
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False,
+                             sharex=True, layout="constrained")  # fmt: skip
+    for ax in axes.flat[len(methods) :]:
+        ax.set_axis_off()
     edges = np.linspace(0, max(1, records["tokens"].max()), bins + 1)
-    for ax, method in zip(axes[0], methods, strict=True):
+    for ax, method in zip(axes.flat, methods):
         frame = records[records["method"] == method]
-        for correct, colour in ((True, "tab:green"), (False, "tab:red")):
-            subset = frame[frame["correct"].astype(bool) == correct]["tokens"]
-            label = f"{'correct' if correct else 'wrong'} (n={len(subset)})"
-            ax.hist(subset, bins=edges, alpha=0.55, color=colour, label=label)
+        correct = frame["correct"].astype(bool)
+        right, wrong = frame.loc[correct, "tokens"], frame.loc[~correct, "tokens"]
+        # filled bars and an outline: where they overlap both stay readable, in legend colours
+        ax.hist(right, bins=edges, color="tab:green", alpha=0.5, label=f"correct (n={len(right)})")
+        ax.hist(wrong, bins=edges, histtype="step", color="tab:red", linewidth=1.8,
+                label=f"wrong (n={len(wrong)})")  # fmt: skip
         ax.set_title(str(method))
         ax.set_xlabel("completion length (tokens)")
         ax.set_ylabel("completions")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

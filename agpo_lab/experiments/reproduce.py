@@ -41,7 +41,9 @@ from agpo_lab.training.run_dir import FolderLock, write_file
 QUICK_OVERRIDES = ["run.steps=3", "run.prompts_per_step=4", "eval.n_problems=16", "eval.k=2"]
 """quick: the same pipeline with a tiny budget (a smoke test, not a result)."""
 DOCS_FILES = ("summary.md", "summary.csv", "accuracy_vs_tokens.png", "training_curves.png")
-"""What a full run copies into docs/results for the README."""
+"""The table and figures a full run copies into docs/results for the README."""
+DOCS_RUN_FILES = ("result.json", "metrics.jsonl", "eval_records.csv", "config.yaml")
+"""What it copies of each run (no checkpoints): enough for notebook 03 to redraw everything."""
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,22 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
         )
     write_report(root, pd.DataFrame(complete), baseline="grpo", reference=REFERENCE)
     if cfg.docs and not cfg.quick:
-        docs = Path(cfg.docs_dir)
-        docs.mkdir(parents=True, exist_ok=True)
-        for name in DOCS_FILES:
-            shutil.copyfile(root / name, docs / name)
+        copy_for_docs(root, Path(cfg.docs_dir), jobs)
     return root
+
+
+def copy_for_docs(root: Path, docs: Path, jobs: list[Job]) -> None:
+    """Replace docs/results with this run's table, figures and per-run records (no checkpoints)."""
+    shutil.rmtree(docs / "runs", ignore_errors=True)
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in DOCS_FILES:
+        shutil.copyfile(root / name, docs / name)
+    for job in jobs:
+        target = docs / job.run_dir.relative_to(root)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in DOCS_RUN_FILES:
+            if (job.run_dir / name).is_file():
+                shutil.copyfile(job.run_dir / name, target / name)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from agpo_lab.errors import MissingFileError
-from agpo_lab.training.run_dir import load_metrics
+from agpo_lab.training.run_dir import load_metrics, run_state
 
 
 def load_results(root: Path) -> pd.DataFrame:
@@ -52,3 +52,18 @@ def load_eval_records(root: str | Path, sampled_only: bool = True) -> pd.DataFra
         seed = int(path.parent.name.removeprefix("seed"))
         frames.append(frame.assign(method=path.parent.parent.name, seed=seed))
     return pd.concat(frames, ignore_index=True)
+
+
+def training_runs(
+    folder: str | Path, include_partial: bool = False
+) -> tuple[list[Path], list[Path]]:
+    """(runs to compare, runs left out) among the run directories in `folder`, oldest first.
+
+    A run counts when it has a metrics.jsonl; one that did not finish (interrupted, failed,
+    stopped by a kill) is left out of comparisons unless `include_partial`, because its curves
+    end early and its last numbers are not those of a full budget.
+    """
+    found = [p for p in Path(folder).glob("*") if (p / "metrics.jsonl").is_file()]
+    found.sort(key=lambda p: (p / "metrics.jsonl").stat().st_ctime)
+    keep = [p for p in found if include_partial or run_state(p) == "finished"]
+    return keep, [p for p in found if p not in keep]

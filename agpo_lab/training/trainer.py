@@ -55,6 +55,7 @@ from agpo_lab.training.planning import plan_update
 from agpo_lab.training.reference import load_reference, reference_logprobs
 from agpo_lab.training.rewards import group_advantages, shaped_rewards
 from agpo_lab.training.run_dir import RunDir
+from agpo_lab.training.tracking import Trackers, check_trackers
 
 Callback = Callable[[int, dict[str, Any]], Any]
 
@@ -93,8 +94,10 @@ class Trainer:
                 f"{procs.world} processes"
             )
         # The run directory first: a locked, unwritable or corrupt one fails before any model loads.
+        check_trackers(cfg.run.report_to)  # a missing tracker package fails before any work
         self.run_dir = RunDir(self._run_path())
         resume_from = self._open_run_dir()
+        self._trackers: Trackers | None = None
         try:
             if procs.rank == 0:  # the steps after the checkpoint run again: their rows go
                 step = 0 if resume_from is None else int(resume_from[2]["step"])
@@ -160,6 +163,10 @@ class Trainer:
         """
         run, logged, rng_at_step_start = self.cfg.run, [], None
         self._set_status("running")
+        if run.report_to and self.processes.rank == 0:
+            self._trackers = Trackers(
+                run.report_to, self.run_dir.path, run.name, self.cfg.to_dict()
+            )
         try:
             with self.stop.catching_signals():
                 try:
@@ -195,6 +202,9 @@ class Trainer:
                 self._set_status("failed", f"{type(err).__name__}: {err}")
             raise
         finally:
+            if self._trackers is not None:
+                self._trackers.finish()
+                self._trackers = None
             self.close()
         return logged
 
@@ -394,6 +404,8 @@ class Trainer:
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.processes.rank == 0:
             self.run_dir.log_metrics(metrics)
+            if self._trackers is not None:
+                self._trackers.log(metrics)
 
     def _run_path(self) -> Path:
         """out_dir/name; an unnamed run gets (and keeps in cfg) "<estimator>-seed<N>-<timestamp>"."""
