@@ -61,7 +61,7 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
     return written
 
 
-HANG_GUARD_S = 600
+HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 600))
 """Per-cell limit in the tests: only a hung kernel reaches it (a cell with small settings takes
 seconds, also on a loaded machine); it turns a hang into a retry, then a failure, instead of a
 stuck test run."""
@@ -72,9 +72,10 @@ def run_notebook(
 ) -> tuple[nbformat.NotebookNode, list[Path]]:
     """Execute `path` with `overrides` injected; return the executed notebook and figure paths.
 
-    A kernel that stops answering (a lost message between nbclient and the kernel was seen once
-    in many runs, with both sides idle) is restarted and the notebook run once more, with a note
-    on stderr; an error in a cell is never retried.
+    A kernel that stops answering (ipykernel 7 can lose the wake-up for an execute reply, with
+    both sides idle: ipython/ipykernel#1554; constraints.txt pins 6.x for that reason) is
+    restarted and the notebook run once more, with a note on stderr; an error in a cell is never
+    retried.
     """
     # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
     # draws nothing. The inline backend is what JupyterLab uses and what puts PNGs in outputs.
