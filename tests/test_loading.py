@@ -14,7 +14,8 @@ import transformers
 
 from agpo_lab.config import ModelConfig, RolloutConfig
 from agpo_lab.models import EMBEDDED_MODEL_DIR
-from agpo_lab.models.loading import hub_reachable, load_policy, resolve_dtype
+from agpo_lab.models.hub import hub_reachable
+from agpo_lab.models.loading import load_policy, resolve_dtype
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
 from agpo_lab.rollout import completion_logprobs, generate

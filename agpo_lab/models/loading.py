@@ -1,6 +1,7 @@
 """Load any `transformers` causal LM as the policy (full fine-tuning or LoRA), with its tokenizer.
 
-`model.name_or_path` is "embedded" (the shipped tiny model), a local folder, or a hub id; a hub id
+`model.name_or_path` is "embedded" (the shipped tiny model), the name of a fetched model
+(`agpo_lab.models.fetch.CATALOG`, e.g. smollm2-135m-instruct), a local folder, or a hub id; a hub id
 that cannot be reached within a few seconds becomes its local HF-cache snapshot, or a one-line error
 that says to pass a local folder.
 """
@@ -8,17 +9,15 @@ that says to pass a local folder.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from agpo_lab.config import ModelConfig
 from agpo_lab.errors import ConfigError, MissingFileError, ModelLoadError
+from agpo_lab.models.fetch import CATALOG, fetched_model_dir, is_fetched
+from agpo_lab.models.hub import HUB_TIMEOUT_S, hub_reachable
 from agpo_lab.paths import EMBEDDED_MODEL_DIR
 
 DTYPES = {
@@ -30,9 +29,6 @@ DTYPES = {
     "fp16": torch.float16,
 }
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-HUB_TIMEOUT_S = 3.0
-"""Seconds the hub gets to accept a connection before a hub id counts as unreachable (offline,
-huggingface_hub's own retries take much longer before failing)."""
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -57,6 +53,13 @@ def resolve_model_path(name_or_path: str) -> str:
                 "`agpo-lab pretrain` or set model.name_or_path to a local model folder"
             )
         return str(EMBEDDED_MODEL_DIR)
+    if name_or_path in CATALOG:
+        if not is_fetched(name_or_path):
+            raise MissingFileError(
+                f"model {name_or_path!r} is not fetched yet (looked in "
+                f"{fetched_model_dir(name_or_path)}); run `agpo-lab models fetch {name_or_path}`"
+            )
+        return str(fetched_model_dir(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -72,33 +75,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if isinstance(cached, str):  # a cached snapshot is a plain model folder
         return str(Path(cached).parent)
     raise _hub_error(name_or_path, f"no connection within {HUB_TIMEOUT_S:g} s, not in the HF cache")
-
-
-def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) accepts a connection.
-
-    False under HF_HUB_OFFLINE; True when a proxy is set for the endpoint's scheme (only the
-    download itself can tell then). The DNS lookup runs in a thread because it has no timeout.
-    """
-    from huggingface_hub import constants
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline or constants.HF_HUB_OFFLINE:
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    proxies = (f"{endpoint.scheme}_proxy", "all_proxy")
-    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
-        return True
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    pool = ThreadPoolExecutor(max_workers=1)
-    attempt = pool.submit(socket.create_connection, (endpoint.hostname, port), timeout_s)
-    try:
-        attempt.result(timeout=timeout_s).close()
-        return True
-    except OSError:  # refused, unreachable, no DNS, or no answer in time (TimeoutError)
-        return False
-    finally:
-        pool.shutdown(wait=False)
 
 
 def _hub_error(source: str, reason: str) -> ModelLoadError:

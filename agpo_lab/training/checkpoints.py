@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from agpo_lab.config import ModelConfig, TrainConfig, load_config
 from agpo_lab.errors import CheckpointError, MissingFileError, RunDirError
+from agpo_lab.models.fetch import CATALOG
 from agpo_lab.models.loading import load_policy
 from agpo_lab.training import faults
 from agpo_lab.training.run_dir import RunDirWarning
@@ -261,16 +262,16 @@ def load_run_policy(
 
     A run directory (has config.yaml) gives its model with the weights of its latest checkpoint,
     or its final/ folder when it has no checkpoint; "embedded" or a `from_pretrained` folder gives
-    that model and no run config.
+    that model and no run config, and so does the name of a fetched model (`models.fetch.CATALOG`).
     """
     path, target = Path(target), str(target)
-    if target == "embedded" or (path / "config.json").is_file():
+    if target == "embedded" or target in CATALOG or (path / "config.json").is_file():
         model, tokenizer = load_policy(ModelConfig(name_or_path=target), device)
         return model, tokenizer, None, f"model {target}"
     if not (path / "config.yaml").is_file():
         raise MissingFileError(
-            f"{target} is not a run directory (no config.yaml), a model folder (no config.json) "
-            "or 'embedded'"
+            f"{target} is not a run directory (no config.yaml), a model folder (no config.json), "
+            f"'embedded' or a fetched model ({', '.join(CATALOG)})"
         )
     train_cfg = load_config(path / "config.yaml")
     found = load_latest_good_checkpoint(path)
