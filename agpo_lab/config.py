@@ -31,7 +31,7 @@ import yaml
 from agpo_lab.errors import ConfigError, MissingFileError
 from agpo_lab.paths import CONFIGS_DIR, DOCS_RESULTS_DIR, EMBEDDED_MODEL_DIR
 
-TaskName = Literal["arithmetic", "gsm8k", "math500", "aime24", "amc23"]
+TaskName = Literal["arithmetic", "word_arithmetic", "gsm8k", "math500", "aime24", "amc23"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
 """Difficulty levels of the embedded task (described in `agpo_lab.tasks.arithmetic.LEVELS`)."""
@@ -120,17 +120,18 @@ class TaskConfig(Settings):
     PREFIX = "task"
 
     name: TaskName = "arithmetic"
-    """Task name: "arithmetic" (embedded, offline) or a dataset: gsm8k, math500, aime24, amc23."""
+    """Task name: "arithmetic" (embedded, offline), "word_arithmetic" (the same problems in natural
+    language for a chat model, offline) or a dataset: gsm8k, math500, aime24, amc23."""
     path: str | None = None
     """Local data file or folder for a dataset task (None: the task's default location)."""
     seed: int = 0
-    """Seed of the embedded task's problem generator (which problems exist, not their order)."""
+    """Seed of the (word_)arithmetic problem generator (which problems exist, not their order)."""
     n_train: int = 1000
-    """Embedded task: number of training problems."""
+    """(word_)arithmetic: number of training problems."""
     n_eval: int = 200
-    """Embedded task: number of held-out problems."""
+    """(word_)arithmetic: number of held-out problems."""
     levels: list[int] | None = None
-    """Embedded task: difficulty levels 1..5 to draw from (None: all levels)."""
+    """(word_)arithmetic: difficulty levels 1..5 to draw from (None: all levels)."""
     train_split: str = "train"
     """Split the RL prompts are drawn from."""
     eval_split: str = "eval"

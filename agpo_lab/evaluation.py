@@ -157,7 +157,12 @@ def summarize_records(records: pd.DataFrame, k: int) -> dict[str, float]:
                              over the sampled completions (the greedy ones when there are none);
                              NaN when a subset is empty (e.g. no correct completion)
     eval/mean_tokens_greedy  mean length of the greedy completions
-    .../level_<d>            pass@1 per difficulty level, when problems carry levels (any d != 0)
+    eval/groups_all_correct, eval/groups_all_wrong, eval/groups_mixed
+                             fractions of problems whose k >= 2 sampled completions are all
+                             correct, all wrong, or both (the group kinds GRPO and AGPO treat
+                             differently, at G = k)
+    .../level_<d>            pass@1, group kinds and mean tokens per difficulty level, when
+                             problems carry levels (any d != 0)
     """
     if records.empty:
         raise ValueError("summarize_records: no records to summarize")
@@ -183,9 +188,13 @@ def summarize_records(records: pd.DataFrame, k: int) -> dict[str, float]:
             / len(per_problem)
         )
         metrics["eval/k"] = float(k)
+        if k >= 2:
+            metrics.update(_group_kinds(per_problem, ""))
         if has_levels:
             for level, rows in per_problem.groupby("difficulty"):
                 metrics[f"eval/pass@1_sampled/level_{level}"] = float(rows["accuracy"].mean())
+                if k >= 2:
+                    metrics.update(_group_kinds(rows, f"/level_{level}"))
 
     lengths_from = sampled if len(sampled) else greedy
     metrics["eval/mean_tokens"] = float(lengths_from["tokens"].mean())
@@ -196,7 +205,20 @@ def summarize_records(records: pd.DataFrame, k: int) -> dict[str, float]:
         lengths_from["tokens"][~lengths_from["correct"]]
     )
     metrics["eval/truncated_frac"] = float(lengths_from["truncated"].mean())
+    if has_levels:
+        for level, rows in lengths_from.groupby("difficulty"):
+            metrics[f"eval/mean_tokens/level_{level}"] = float(rows["tokens"].mean())
     return metrics
+
+
+def _group_kinds(per_problem: pd.DataFrame, suffix: str) -> dict[str, float]:
+    """Fractions of problems (rows with n samples, c correct) that are all correct / wrong / mixed."""
+    n, c = per_problem["n"], per_problem["c"]
+    return {
+        f"eval/groups_all_correct{suffix}": float((c == n).mean()),
+        f"eval/groups_all_wrong{suffix}": float((c == 0).mean()),
+        f"eval/groups_mixed{suffix}": float(((c > 0) & (c < n)).mean()),
+    }
 
 
 def evaluate(

@@ -120,6 +120,11 @@ def test_summarize_records_hand_computed():
     assert m["eval/mean_tokens_correct"] == pytest.approx(6.0)
     assert m["eval/mean_tokens_wrong"] == pytest.approx((10 + 12 + 20 + 2 + 2) / 5)
     assert m["eval/truncated_frac"] == pytest.approx(1 / 8)
+    # group kinds over the 4 samples: a is mixed (3 of 4), b all wrong
+    assert (m["eval/groups_all_correct"], m["eval/groups_all_wrong"]) == (0.0, 0.5)
+    assert m["eval/groups_mixed"] == 0.5 and m["eval/groups_mixed/level_1"] == 1.0
+    assert m["eval/groups_all_wrong/level_2"] == 1.0
+    assert m["eval/mean_tokens/level_1"] == 7.0 and m["eval/mean_tokens/level_2"] == 9.0
 
 
 def test_summarize_records_greedy_only_and_no_levels():

@@ -60,9 +60,48 @@ def test_extract_final_answer_gsm8k_takes_whichever_comes_last():
     assert extract_final_answer("#### 7\nno wait, \\boxed{8}", "gsm8k") == "8"
     assert extract_final_answer("\\boxed{8}\n#### 1,000", "gsm8k") == "1,000"
     assert extract_final_answer("#### 7", "math") is None
-    assert extract_final_answer("the answer is 7", "gsm8k") is None  # no last-number fallback
+    assert extract_final_answer("so 3 + 4 = 7", "gsm8k") is None  # no last-number fallback
+    assert extract_final_answer("the answer is 7", "math") is None
     with pytest.raises(ValueError, match="unknown answer style"):
         extract_final_answer("x", "latex")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # what SmolLM2-135M-Instruct and other instruct models actually write
+        ("10 + 9 = 19.\nThe answer is 19.", "19"),
+        ("The answer is: 19", "19"),
+        ("**Answer:** 1,200", "1,200"),
+        ("So the final answer is $18$.", "18"),
+        ("The answer is \\(12\\).", "12"),
+        ("The answer is 19 apples.", "19"),
+        ("The answer is -3.", "-3"),
+        ("Answer = 4.5", "4.5"),
+        ("The answer is 7.\n#### 8", "8"),  # whichever comes last
+        ("\\boxed{5} The answer is 6.", "6"),
+        ("The answer is 6. Double-checking: \\boxed{5}", "5"),
+        # refused: no stated answer, or a hedge
+        ("The answer is N.", None),
+        ("9 + 2 = 11", None),
+        ("The answer is 3 or 4.", None),
+        ("The answer is 3, 4, 5 or 6", None),
+        ("The answer is 7 but 3+4 is 8", None),
+        ("The answer is 7. Wait, the answer is 8 or 9.", None),  # the last statement counts
+        ("I think 7 is the answer.", None),
+    ],
+)
+def test_stated_answers_are_accepted_and_hedges_refused(text, expected):
+    assert extract_final_answer(text, "gsm8k") == expected
+
+
+def test_stated_answer_is_scored_exactly():
+    assert score_completion("The answer is 19.", "19", "gsm8k") == 1.0
+    assert score_completion("The answer is 19.0.", "19", "gsm8k") == 1.0
+    assert score_completion("The answer is 190.", "19", "gsm8k") == 0.0
+    assert score_completion("The answer is 1 or 19.", "19", "gsm8k") == 0.0
+    many = "The answer is 19. " * 5000 + "x" * 200_000  # over MAX_TEXT_CHARS: refused outright
+    assert score_completion(many, "19", "gsm8k") == 0.0
 
 
 # --- numeric checking ---------------------------------------------------------------------------

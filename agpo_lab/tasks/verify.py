@@ -3,8 +3,11 @@
 Three layers, cheapest first:
 
 1. Extraction: the final answer is the content of the last balanced ``\\boxed{...}``, or, for
-   GSM8K, whichever comes last of a box and the dataset's own ``#### <answer>`` line. There is no
-   "last number in the text" fallback: a lenient extractor is a reward hack waiting to happen.
+   numeric answers (GSM8K, the word-arithmetic task), whichever comes last of a box, the dataset's
+   own ``#### <answer>`` line and a stated answer ("The answer is 42.", "**Answer:** 42") whose
+   sentence holds no other number. There is no "last number in the text" fallback, and an
+   equation such as "9 + 2 = 11" is not an answer: a lenient extractor is a reward hack waiting
+   to happen.
 2. Screening: answers that are too long, contain control characters, nest too deeply, or hold
    numeric power towers / huge exponents or factorials are rejected before any parser sees them.
 3. Checking: plain numbers are compared exactly with `fractions.Fraction` in-process. Everything
@@ -31,11 +34,17 @@ MAX_NESTING = 24
 DEFAULT_TIMEOUT_S = 5.0
 """Default hard time bound of one `check_math` call, in seconds."""
 STYLES = ("math", "gsm8k")
-"""`math`: answer in \\boxed{}, checked by math-verify. `gsm8k`: \\boxed{} or `#### `, numeric."""
+"""`math`: answer in \\boxed{}, checked by math-verify. `gsm8k`: \\boxed{}, `#### ` or a stated
+"the answer is N", checked numerically."""
 
 _BRACE_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
 _UNBRACED_BOX = re.compile(r"\\boxed\s+([^\s$]+)")
 _HASH_ANSWER = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_STATED_ANSWER = re.compile(
+    r"\banswer\**\s*(?:is|:|=)[\s:*$]*(?:\\\(\s*)?([-+]?\d[\d,]*(?:\.\d+)?)(?![\d,]*\.?\d)",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|[!?\n]|$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _POWER_TOWER = re.compile(r"\d\^[-+]?\d+\^")
 _BASE_SUBSCRIPT = re.compile(r"_\{?(\d+)\}?\s*$")
@@ -73,21 +82,47 @@ def extract_boxed(text: str) -> str | None:
     return None if span is None else text[span[0] : span[1]].strip()
 
 
-def extract_final_answer(text: str, style: str = "math") -> str | None:
-    """The final answer of a completion in `style` ("math": last box; "gsm8k": last box or ####).
+def stated_answer_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the number in the last "answer is N" statement, or None.
 
-    Example: ``extract_final_answer("3 + 4 = 7\\n#### 7", "gsm8k") == "7"``.
+    Accepted: "answer is N", "answer: N", "answer = N" (any case, "**Answer:** N", "$N$" and a
+    trailing unit word allowed). Refused (None): a last statement whose sentence holds another
+    number ("The answer is 3 or 4", "The answer is 3, 4, 5"), so hedging never pays. Only the last
+    statement counts. Example: ``"So the answer is 1,200 dollars."`` -> the span of "1,200".
+    """
+    statements = list(_STATED_ANSWER.finditer(text))
+    if not statements:
+        return None
+    last = statements[-1]
+    sentence_end = _SENTENCE_END.search(text, last.end(1))
+    rest = text[last.end(1) : sentence_end.start() if sentence_end else len(text)]
+    return None if re.search(r"\d", rest) else last.span(1)
+
+
+def extract_final_answer(text: str, style: str = "math") -> str | None:
+    """The final answer of a completion in `style`.
+
+    "math": the last box. "gsm8k" (numeric answers): whichever comes last of the last box, the
+    last ``#### N`` line and the last stated answer (`stated_answer_span`).
+    Examples: ``extract_final_answer("3 + 4 = 7\\n#### 7", "gsm8k") == "7"``;
+    ``extract_final_answer("3 + 4 = 7. The answer is 7.", "gsm8k") == "7"``;
+    ``extract_final_answer("3 + 4 = 7", "gsm8k") is None``.
     """
     if style not in STYLES:
         raise ValueError(f"unknown answer style {style!r}; use one of {STYLES}")
     if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
         return None
     box = _last_boxed_span(text)
-    if style == "gsm8k":
-        hashes = list(_HASH_ANSWER.finditer(text))
-        if hashes and (box is None or hashes[-1].start(1) > box[0]):
-            return hashes[-1].group(1).strip() or None
-    return None if box is None else text[box[0] : box[1]].strip()
+    if style == "math":
+        return None if box is None else text[box[0] : box[1]].strip()
+    candidates = [span for span in (box, stated_answer_span(text)) if span is not None]
+    hashes = list(_HASH_ANSWER.finditer(text))
+    if hashes:
+        candidates.append(hashes[-1].span(1))
+    if not candidates:
+        return None
+    start, end = max(candidates)
+    return text[start:end].strip() or None
 
 
 def screen_answer(answer: str) -> str | None:
