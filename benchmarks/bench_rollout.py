@@ -32,8 +32,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flop_limit beside this script
+from flop_limit import linear_weights, matmul_gflops, percent_of_limit  # noqa: E402
 
 IMPLS = {
     "ours": "agpo_lab",
@@ -65,6 +70,19 @@ def build_model(model_path: str | None, device: str):
         max_position_embeddings=512,
     )
     return model.to(device).eval(), tok
+
+
+def benchmark_prompts(tokenizer, batch: int) -> list[str]:
+    """`batch` prompts: word-arithmetic questions in the chat template for a chat model (what it
+    is trained on here), else the short arithmetic strings of PROMPTS."""
+    if getattr(tokenizer, "chat_template", None):
+        from agpo_lab.tasks.word_arithmetic import WordArithmeticTask
+
+        task = WordArithmeticTask(seed=0, n_eval=max(batch, 5))
+        texts = [task.format_prompt(p, tokenizer) for p in task.problems("eval")]
+    else:
+        texts = PROMPTS
+    return [texts[i % len(texts)] for i in range(batch)]
 
 
 def set_eos_bias(model, eos_id: int, bias: float) -> None:
@@ -105,7 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
         set_eos_bias(model, eos, -1e9)
     elif not args.model:
         set_eos_bias(model, eos, early_stop_bias(len(tok), args.max_new_tokens / 3))
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    prompts = benchmark_prompts(tok, args.batch)
     cfg = RolloutConfig(
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -113,6 +131,7 @@ def worker(args: argparse.Namespace) -> dict:
         fast_decode=args.impl != "ours_hf_forward",
     )
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    limit = {"gflops": matmul_gflops(device=device), "linear_weights": linear_weights(model)}
     rss_after_load_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def run_once(seed: int) -> int:
@@ -158,6 +177,9 @@ def worker(args: argparse.Namespace) -> dict:
     if device == "cuda":
         best["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     best["device"] = device
+    # The decode forward at the machine's matmul rate: 2 x Linear weights FLOPs per new token.
+    best["bound_tokens_per_s"] = limit["gflops"] * 1e9 / (2 * limit["linear_weights"])
+    best["gflops"] = limit["gflops"]
     return best
 
 
@@ -177,12 +199,24 @@ def measure(args: argparse.Namespace, impl: str, case: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="local model folder (e.g. data/embedded)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model folder (e.g. data/embedded), 'embedded' or a fetched model's name "
+        "(smollm2-135m-instruct); default: a random ~1M-parameter Qwen2",
+    )
     parser.add_argument("--batch", type=int, default=64, help="rows per batch (prompts x G)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=list(IMPLS),
+        default=list(IMPLS),
+        help="implementations to time (model.generate always runs: it is the baseline)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=["forced", "early"], help=argparse.SUPPRESS)
@@ -199,17 +233,23 @@ def main(argv: list[str] | None = None) -> None:
         f"T={args.temperature}, best of {args.repeats}, torch threads {torch.get_num_threads()}"
     )
     header = f"{'case':<8}{'impl':<18}{'tokens':>8}{'tok/s':>10}{'tok/CPU-s':>11}"
-    header += f"{'warm-up s':>10}{'RSS load MB':>13}{'peak RSS MB':>13}"
+    header += f"{'% limit':>9}{'warm-up s':>10}{'RSS load MB':>13}{'peak RSS MB':>13}"
     print(header + ("  peak CUDA MB" if torch.cuda.is_available() else ""))
     for case in ("forced", "early"):
-        results = {impl: measure(args, impl, case) for impl in IMPLS}
+        chosen = [impl for impl in IMPLS if impl in args.impls or impl == "hf"]
+        results = {impl: measure(args, impl, case) for impl in chosen}
         for impl, r in results.items():
             line = f"{case:<8}{IMPLS[impl]:<18}{r['tokens']:>8}{r['tokens_per_s']:>10.0f}"
-            line += f"{r['tokens_per_cpu_s']:>11.0f}{r['warmup_s']:>10.1f}"
+            share = percent_of_limit(r["tokens_per_s"], r["bound_tokens_per_s"])
+            line += f"{r['tokens_per_cpu_s']:>11.0f}{share:>8.1f}%{r['warmup_s']:>10.1f}"
             line += f"{r['rss_after_load_mb']:>13.0f}{r['peak_rss_mb']:>13.0f}"
             print(line + (f"{r['peak_cuda_mb']:>14.1f}" if "peak_cuda_mb" in r else ""))
         hf = results["hf"]
-        for impl in ("ours", "ours_compiled", "ours_hf_forward"):
+        print(
+            f"{case:<8}machine limit: matmul {hf['gflops']:.1f} GFLOP/s (measured in this run) -> "
+            f"{hf['bound_tokens_per_s']:.0f} tokens/s FLOP-bound for this model's forward"
+        )
+        for impl in (i for i in ("ours", "ours_compiled", "ours_hf_forward") if i in results):
             ratio = results[impl]["tokens_per_s"] / hf["tokens_per_s"]
             cpu_ratio = results[impl]["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             print(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flop_limit beside this script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default="embedded",
         help="'embedded' (data/embedded; falls back to 'random' if absent), 'random' (a tiny Qwen2 "
-        "built from a config, seed 0) or a model folder",
+        "built from a config, seed 0), a fetched model's name (smollm2-135m-instruct) or a folder",
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="both sides train LoRA adapters (r=16, alpha=32, every linear layer) instead of all "
+        "weights",
+    )
+    p.add_argument(
+        "--task",
+        choices=["auto", "arithmetic", "word_arithmetic"],
+        default="auto",
+        help="prompts and reward: auto = word_arithmetic (chat template) when the tokenizer has "
+        "a chat template, else arithmetic",
     )
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the 'random' model")
     p.add_argument("--layers", type=int, default=2, help="layers of the 'random' model")
@@ -88,10 +102,14 @@ def prepare_model_dir(args: argparse.Namespace, scratch: Path) -> tuple[Path, st
     if args.model == "embedded" and (EMBEDDED_MODEL_DIR / "config.json").is_file():
         return EMBEDDED_MODEL_DIR, f"embedded ({EMBEDDED_MODEL_DIR})"
     if args.model not in ("embedded", "random"):
-        folder = Path(args.model)
-        if not (folder / "config.json").is_file():
-            raise SystemExit(f"bench_trainer: error: no config.json in model folder {folder}")
-        return folder, str(folder)
+        from agpo_lab.errors import AgpoLabError
+        from agpo_lab.models.loading import resolve_model_path
+
+        try:
+            folder = Path(resolve_model_path(args.model))
+        except AgpoLabError as err:
+            raise SystemExit(f"bench_trainer: error: {err}") from None
+        return folder, f"{args.model} ({folder})"
 
     from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
@@ -135,18 +153,49 @@ class StepClock:
         return {"step_seconds": diff(self.walls), "cpu_seconds": diff(self.cpus)}
 
 
+def task_name(args: argparse.Namespace, tokenizer) -> str:
+    """The task both sides train on (`--task`; auto: word_arithmetic for a chat model)."""
+    if args.task != "auto":
+        return args.task
+    return "word_arithmetic" if getattr(tokenizer, "chat_template", None) else "arithmetic"
+
+
+def lora_config():
+    """The adapters both sides train with --lora (peft's LoraConfig, the same object type)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def limit_inputs(args: argparse.Namespace, model, tokenizer, task) -> dict:
+    """What the FLOP limit needs, measured in this worker: matmul GFLOP/s at this process's
+    thread count, the model's Linear weights, and the mean prompt length in tokens."""
+    from flop_limit import linear_weights, matmul_gflops
+
+    prompts = [task.format_prompt(p, tokenizer) for p in task.problems("train")[:200]]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    return {
+        "gflops": matmul_gflops(),
+        "linear_weights": linear_weights(model),
+        "prompt_tokens": sum(lengths) / len(lengths),
+    }
+
+
 # ----------------------------------------------------------------------------- TRL side
 def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from agpo_lab.config import TaskConfig
     from agpo_lab.models.loading import load_tokenizer
-    from agpo_lab.tasks.arithmetic import ArithmeticTask
+    from agpo_lab.tasks.registry import build_task
 
     tokenizer = load_tokenizer(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-    task = ArithmeticTask(seed=0)
+    task = build_task(TaskConfig(name=task_name(args, tokenizer), seed=0))
     problems = task.problems("train")
     dataset = Dataset.from_dict(
         {
@@ -200,12 +249,15 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[OnStepEnd()],
+        peft_config=lora_config() if args.lora else None,
     )
+    limits = limit_inputs(args, trainer.model, tokenizer, task)
     clock.__init__()  # start the clocks after setup
     trainer.train()
     logs = [log for log in trainer.state.log_history if "completions/mean_length" in log]
     completions = args.prompts * args.group_size
     return {
+        **limits,
         **clock.durations(),
         "tokens_per_step": [log["completions/mean_length"] * completions for log in logs],
         "reward": [log.get("reward", float("nan")) for log in logs],
@@ -222,9 +274,13 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
 
     tokenizer = load_tokenizer(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)  # loaded as TRL loads it
+    if args.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config())
     config = TrainConfig.from_dict(
         {
-            "task": {"name": "arithmetic", "seed": 0},
+            "task": {"name": task_name(args, tokenizer), "seed": 0},
             "rollout": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
                         "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                         "compile_decode": args.compile_decode},
@@ -241,10 +297,12 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         }
     )  # fmt: skip
     trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    limits = limit_inputs(args, trainer.policy, trainer.tokenizer, trainer.task)
     clock = StepClock()
     logged = trainer.train(callback=clock.tick)
     completions = args.prompts * args.group_size
     return {
+        **limits,
         **clock.durations(),
         "tokens_per_step": [m["length/mean"] * completions for m in logged],
         "reward": [m["reward/mean"] for m in logged],
@@ -265,7 +323,11 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
     seconds = [x for r in rounds for x in r["step_seconds"][warmup:]]
     cpu = [x for r in rounds for x in r["cpu_seconds"][warmup:]]
     tokens = [x for r in rounds for x in r["tokens_per_step"][warmup:]]
+    first = rounds[0]
     return {
+        "gflops": max(r["gflops"] for r in rounds),
+        "linear_weights": first["linear_weights"],
+        "prompt_tokens": first["prompt_tokens"],
         "median_step_s": statistics.median(seconds),
         "median_cpu_s": statistics.median(cpu),
         "tokens_per_step": statistics.mean(tokens),
@@ -286,7 +348,7 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         ("peak RSS (MiB)", "max_rss_mb", "{:.0f}"),
         ("mean reward (timed steps)", "reward", "{:.3f}"),
     ]
-    print(f"\nmodel: {model_desc}")
+    print(f"\nmodel: {model_desc}{' (LoRA r=16 on every linear layer)' if args.lora else ''}")
     print(
         f"setup: {args.prompts} prompts x G={args.group_size}, max_new_tokens={args.max_new_tokens}, "
         f"beta={args.beta}, loss=grpo, mu=1, CPU ({torch_threads()} torch threads); "
@@ -298,10 +360,32 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         ours_text, trl_text = fmt.format(ours[key]), fmt.format(trl[key])
         print(f"{label:28s} {ours_text:>10s} {trl_text:>10s} {ratio:>9s}")
     print(f"(ours: sampling + rewards take {100 * ours['rollout_share']:.0f}% of the step)\n")
+    gflops = max(ours["gflops"], trl["gflops"])
+    print(f"machine limit: dense matmul {gflops:.1f} GFLOP/s (measured in this run); model Linear")
+    print(
+        f"weights {ours['linear_weights'] / 1e6:.1f} M, prompt {ours['prompt_tokens']:.0f} tokens"
+    )
+    for name, side in (("agpo_lab", ours), ("TRL 1.16", trl)):
+        bound = flop_bound_step_seconds(args, side, gflops)
+        print(
+            f"  {name}: FLOP-bound step {bound:.2f} s for its tokens -> "
+            f"{100 * bound / side['median_step_s']:.0f}% of the limit"
+        )
     step_ratio = ours["median_step_s"] / trl["median_step_s"]
     print(f"ratio step time ours/TRL: {step_ratio:.3f} (target <= 0.5)")
     print(f"ratio s/token ours/TRL: {ours['ms_per_token'] / trl['ms_per_token']:.3f}")
     print(f"ratio peak memory ours/TRL: {ours['max_rss_mb'] / trl['max_rss_mb']:.3f}")
+
+
+def flop_bound_step_seconds(args: argparse.Namespace, side: dict, gflops: float) -> float:
+    """Seconds one step would take if all its matmul FLOPs ran at `gflops`: the rollout's
+    forward over prompt and generated tokens, the update's forward + backward over the same tokens
+    (weight gradients only without --lora), and the reference forward when beta > 0."""
+    rows = args.prompts * args.group_size
+    tokens = rows * side["prompt_tokens"] + side["tokens_per_step"]
+    weights = side["linear_weights"]
+    per_token = 2 * weights + (4 if args.lora else 6) * weights + (2 * weights if args.beta else 0)
+    return tokens * per_token / (gflops * 1e9)
 
 
 def torch_threads() -> int:
@@ -332,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}",
             f"--group-size={args.group_size}", f"--max-new-tokens={args.max_new_tokens}",
             f"--beta={args.beta}", f"--lr={args.lr}", f"--model-dir={model_dir}",
+            f"--task={args.task}", *(["--lora"] if args.lora else []),
             *(["--compile-decode"] if args.compile_decode else []),
             *(["--compile-update"] if args.compile_update else []),
         ]  # fmt: skip

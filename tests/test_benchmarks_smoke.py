@@ -37,6 +37,23 @@ def test_bench_trainer_quick_prints_ratios():
     assert re.search(
         r"^median step seconds \(wall\)\s+\d+\.\d+\s+\d+\.\d+", out, flags=re.MULTILINE
     ), out
+    assert re.search(r"^machine limit: dense matmul \d+\.\d GFLOP/s", out, flags=re.MULTILINE)
+    assert len(re.findall(r"FLOP-bound step \d+\.\d+ s .* -> \d+% of the limit", out)) == 2
+
+
+def test_flop_limit_counts_linear_weights_and_passes():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from flop_limit import flops_per_token, linear_weights, matmul_gflops, percent_of_limit
+
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6), torch.nn.Linear(6, 10)
+    )
+    assert linear_weights(model) == 4 * 6 + 6 * 10  # the embedding is a lookup, not a matmul
+    assert flops_per_token(model) == 2 * 84
+    assert flops_per_token(model, backward=True, train_weights=False) == 4 * 84
+    assert flops_per_token(model, backward=True) == 6 * 84
+    assert matmul_gflops(size=64, repeats=2, device="cpu") > 0
+    assert percent_of_limit(25.0, 100.0) == 25.0
 
 
 def _bench_module():
