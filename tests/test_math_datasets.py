@@ -227,7 +227,8 @@ def test_task_scores_completions(tmp_path):
     assert gsm.score("2+3 is 5, so \\boxed{5}.", first) == 1.0
     assert gsm.score("1000*2=2000\n#### 2000", second) == 1.0
     assert gsm.score("\\boxed{6}", first) == 0.0
-    assert gsm.score("the answer is 5", first) == 0.0  # strict format: no last-number fallback
+    assert gsm.score("so we get 5", first) == 0.0  # strict format: no last-number fallback
+    assert gsm.score("2+3 = 5. The answer is 5.", first) == 1.0  # a stated answer counts
     math = MathDatasetTask("math500", path=shared_data("math500"))
     polar = math.problems("test")[0]
     assert math.score(r"so $\boxed{(3, \pi/2)}$", polar) == 1.0
