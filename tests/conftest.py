@@ -17,6 +17,51 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests never open windows
 
 
+@torch.inference_mode()
+def decode_both_ways(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int = 4,
+    drop_row_at: tuple[int, int] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decode step, (transformers forward logits, FastDecoder logits) for the same tokens.
+
+    Both start from the same prefill of `ids`/`mask` (left padding allowed) with their own KV
+    cache and feed the transformers forward's greedy token. `drop_row_at=(step, row)`: that row
+    leaves the batch before that step, as a finished row does in the rollout loop.
+    """
+    from agpo_lab.rollout.fast_decode import FastDecoder
+    from agpo_lab.rollout.inputs import positions_from_mask
+    from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+
+    position = positions_from_mask(mask)
+    caches = []
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        preallocate(out.past_key_values, steps)
+        caches.append(out.past_key_values)
+    decoder, tokens = FastDecoder(model), out.logits[:, -1].argmax(-1)
+    position, pairs = position[:, -1], []
+    for step in range(steps):
+        if drop_row_at is not None and step == drop_row_at[0]:
+            keep = torch.tensor([r for r in range(len(tokens)) if r != drop_row_at[1]])
+            for cache in caches:
+                cache.batch_select_indices(keep)
+            tokens, position, mask = tokens[keep], position[keep], mask[keep]
+        position, mask = position + 1, torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        expected = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            use_cache=True,
+            **{cache_kwarg(model): caches[0]},
+        ).logits[:, -1]
+        pairs.append((expected, decoder.step(caches[1], tokens, position, mask)))
+        tokens = expected.argmax(-1)
+    return pairs
+
+
 def shared_data_dir() -> Path:
     """The read-only benchmark data beside the repo (../shared/data); skip the test when absent."""
     if not SHARED_DATA.is_dir():

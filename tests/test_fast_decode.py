@@ -20,8 +20,7 @@ from transformers import (
 from agpo_lab.config import RolloutConfig
 from agpo_lab.rollout import fast_decode, generate
 from agpo_lab.rollout.fast_decode import FastDecoder
-from agpo_lab.rollout.inputs import positions_from_mask
-from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+from tests.conftest import decode_both_ways
 
 SIZES = dict(
     vocab_size=58,
@@ -58,36 +57,9 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@torch.inference_mode()
-def _decode_both(model: torch.nn.Module, steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per step (transformers logits, FastDecoder logits) for the same tokens, dropping a row once."""
-    ids, mask = _prompts()
-    position = positions_from_mask(mask)
-    caches = []
-    for _ in range(2):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        preallocate(out.past_key_values, steps)
-        caches.append(out.past_key_values)
-    decoder, tokens = FastDecoder(model), out.logits[:, -1].argmax(-1)
-    position, pairs = position[:, -1], []
-    for step in range(steps):
-        if step == 2:  # a finished row leaves the batch, as in the rollout loop
-            keep = torch.tensor([0, 2, 3, 4])
-            for cache in caches:
-                cache.batch_select_indices(keep)
-            tokens, position, mask = tokens[keep], position[keep], mask[keep]
-        position, mask = position + 1, torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        expected = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=position[:, None],
-            use_cache=True,
-            **{cache_kwarg(model): caches[0]},
-        ).logits[:, -1]
-        got = decoder.step(caches[1], tokens, position, mask)
-        pairs.append((expected, got))
-        tokens = expected.argmax(-1)
-    return pairs
+def _decode_both(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step (transformers logits, FastDecoder logits); row 1 leaves the batch at step 2."""
+    return decode_both_ways(model, *_prompts(), steps=4, drop_row_at=(2, 1))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -15,12 +15,10 @@ from agpo_lab.config import EvalConfig, ModelConfig, RolloutConfig, load_config
 from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import load_policy, load_tokenizer
 from agpo_lab.rollout import generate
-from agpo_lab.rollout.fast_decode import FastDecoder, supported
-from agpo_lab.rollout.inputs import positions_from_mask
-from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+from agpo_lab.rollout.fast_decode import supported
 from agpo_lab.tasks.math_datasets import MathDatasetTask
 from agpo_lab.tasks.word_arithmetic import WordArithmeticTask
-from tests.conftest import REPO_ROOT, shared_data_dir
+from tests.conftest import REPO_ROOT, decode_both_ways, shared_data_dir
 
 NAME = "smollm2-135m-instruct"
 
@@ -84,7 +82,6 @@ def test_left_padding_and_eos_stopping_in_a_batch(policy):
         assert "<|im_end|>" not in together.texts[row]
 
 
-@torch.inference_mode()
 def test_fast_decode_step_gives_the_transformers_logits_on_the_real_weights(policy):
     model, tokenizer = policy
     assert supported(model)
@@ -93,25 +90,8 @@ def test_fast_decode_step_gives_the_transformers_logits_on_the_real_weights(poli
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert (mask == 0).any()  # at least one left-padded row
-    position = positions_from_mask(mask)
-    caches = []
-    for _ in range(2):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        preallocate(out.past_key_values, 4)
-        caches.append(out.past_key_values)
-    decoder, tokens, position = FastDecoder(model), out.logits[:, -1].argmax(-1), position[:, -1]
-    for _ in range(4):
-        position, mask = position + 1, torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        expected = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=position[:, None],
-            use_cache=True,
-            **{cache_kwarg(model): caches[0]},
-        ).logits[:, -1]
-        got = decoder.step(caches[1], tokens, position, mask)
+    for expected, got in decode_both_ways(model, ids, mask, steps=4, drop_row_at=(2, 0)):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        tokens = expected.argmax(-1)
 
 
 @pytest.mark.slow
