@@ -49,6 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of both sides (lower: more reward signal from a weak model)",
+    )
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=None,
+        help="ours: optim.micro_batch_tokens (bounds the update's peak memory; default: one pass)",
+    )
+    p.add_argument(
         "--model",
         default="embedded",
         help="'embedded' (data/embedded; falls back to 'random' if absent), 'random' (a tiny Qwen2 "
@@ -229,7 +241,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
         loss_type="grpo",
         scale_rewards="group",
         epsilon=0.2,
-        temperature=1.0,
+        temperature=args.temperature,
         top_p=1.0,
         top_k=0,
         disable_dropout=True,
@@ -281,8 +293,9 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
     config = TrainConfig.from_dict(
         {
             "task": {"name": task_name(args, tokenizer), "seed": 0},
+            "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             "rollout": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
-                        "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                        "temperature": args.temperature, "top_p": 1.0, "top_k": 0,
                         "compile_decode": args.compile_decode},
             # TRL's loss_type="grpo": group std (Bessel) + 1e-4, per-sequence token mean, clip 0.2
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
@@ -290,6 +303,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
                           "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
             "optim": {"lr": args.lr, "warmup_steps": 0, "max_grad_norm": 1.0,
                       "mini_batch_size": None, "grad_accumulation": 1,
+                      "micro_batch_tokens": args.micro_batch_tokens,
                       "compile_update": args.compile_update},
             "run": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts,
                     "seed": 0, "out_dir": str(out_dir), "name": Path(args.result).stem, "eval_every": 0,
@@ -307,6 +321,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         "tokens_per_step": [m["length/mean"] * completions for m in logged],
         "reward": [m["reward/mean"] for m in logged],
         "rollout_seconds": [m["perf/rollout_seconds"] for m in logged],
+        "update_tokens": [m["perf/update_tokens"] for m in logged],
     }
 
 
@@ -324,6 +339,7 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
     cpu = [x for r in rounds for x in r["cpu_seconds"][warmup:]]
     tokens = [x for r in rounds for x in r["tokens_per_step"][warmup:]]
     first = rounds[0]
+    update = [x for r in rounds for x in r.get("update_tokens", [])[warmup:]]
     return {
         "gflops": max(r["gflops"] for r in rounds),
         "linear_weights": first["linear_weights"],
@@ -331,6 +347,8 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
         "median_step_s": statistics.median(seconds),
         "median_cpu_s": statistics.median(cpu),
         "tokens_per_step": statistics.mean(tokens),
+        # TRL computes every row; ours skips rows whose gradient is exactly 0
+        "update_tokens": statistics.mean(update) if update else None,
         "ms_per_token": 1000 * sum(seconds) / max(sum(tokens), 1e-9),
         "max_rss_mb": max(r["max_rss_mb"] for r in rounds),
         "reward": statistics.mean(x for r in rounds for x in r["reward"][warmup:]),
@@ -351,7 +369,8 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
     print(f"\nmodel: {model_desc}{' (LoRA r=16 on every linear layer)' if args.lora else ''}")
     print(
         f"setup: {args.prompts} prompts x G={args.group_size}, max_new_tokens={args.max_new_tokens}, "
-        f"beta={args.beta}, loss=grpo, mu=1, CPU ({torch_threads()} torch threads); "
+        f"beta={args.beta}, loss=grpo, mu=1, temperature {args.temperature}, ours "
+        f"micro_batch_tokens={args.micro_batch_tokens}, CPU ({torch_threads()} torch threads); "
         f"{args.rounds} round(s) of {args.steps} timed steps after {args.warmup} warm-up"
     )
     print(f"\n{'':28s} {'agpo_lab':>10s} {'TRL 1.16':>10s} {'ours/TRL':>9s}")
@@ -359,7 +378,16 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         ratio = f"{ours[key] / trl[key]:.2f}x" if trl[key] and key != "reward" else "-"
         ours_text, trl_text = fmt.format(ours[key]), fmt.format(trl[key])
         print(f"{label:28s} {ours_text:>10s} {trl_text:>10s} {ratio:>9s}")
-    print(f"(ours: sampling + rewards take {100 * ours['rollout_share']:.0f}% of the step)\n")
+    print(f"(ours: sampling + rewards take {100 * ours['rollout_share']:.0f}% of the step)")
+    if ours["update_tokens"] is not None:
+        all_tokens = (
+            args.prompts * args.group_size * ours["prompt_tokens"] + ours["tokens_per_step"]
+        )
+        print(
+            f"(ours: the update computed {ours['update_tokens']:.0f} of {all_tokens:.0f} prompt + "
+            "completion tokens per step; rows whose gradient is exactly 0 are skipped)"
+        )
+    print()
     gflops = max(ours["gflops"], trl["gflops"])
     print(f"machine limit: dense matmul {gflops:.1f} GFLOP/s (measured in this run); model Linear")
     print(
@@ -379,13 +407,16 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
 
 def flop_bound_step_seconds(args: argparse.Namespace, side: dict, gflops: float) -> float:
     """Seconds one step would take if all its matmul FLOPs ran at `gflops`: the rollout's
-    forward over prompt and generated tokens, the update's forward + backward over the same tokens
-    (weight gradients only without --lora), and the reference forward when beta > 0."""
+    forward over prompt and generated tokens, the reference forward over the same tokens when
+    beta > 0, and the update's forward + backward (+ weight gradients without --lora) over the
+    tokens it computed: all of them for TRL, the rows with a non-zero gradient for ours."""
     rows = args.prompts * args.group_size
     tokens = rows * side["prompt_tokens"] + side["tokens_per_step"]
+    update_tokens = tokens if side.get("update_tokens") is None else side["update_tokens"]
     weights = side["linear_weights"]
-    per_token = 2 * weights + (4 if args.lora else 6) * weights + (2 * weights if args.beta else 0)
-    return tokens * per_token / (gflops * 1e9)
+    forward = (2 if args.beta else 1) * tokens * 2 * weights
+    update = update_tokens * (4 if args.lora else 6) * weights
+    return (forward + update) / (gflops * 1e9)
 
 
 def torch_threads() -> int:
@@ -416,7 +447,9 @@ def main(argv: list[str] | None = None) -> None:
             f"--steps={args.steps}", f"--warmup={args.warmup}", f"--prompts={args.prompts}",
             f"--group-size={args.group_size}", f"--max-new-tokens={args.max_new_tokens}",
             f"--beta={args.beta}", f"--lr={args.lr}", f"--model-dir={model_dir}",
-            f"--task={args.task}", *(["--lora"] if args.lora else []),
+            f"--task={args.task}", f"--temperature={args.temperature}",
+            *([f"--micro-batch-tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens else []),
+            *(["--lora"] if args.lora else []),
             *(["--compile-decode"] if args.compile_decode else []),
             *(["--compile-update"] if args.compile_update else []),
         ]  # fmt: skip
