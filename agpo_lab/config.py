@@ -194,8 +194,12 @@ class AlgorithmConfig(Settings):
 
     estimator: Literal["grpo", "agpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
     """Advantage estimator (see agpo_lab.algorithms.advantages)."""
-    zero_variance: Literal["keep", "agpo", "drop"] = "keep"
-    """Homogeneous groups: keep the estimator's output, apply AGPO's +/-1 rule, or drop them."""
+    zero_variance: Literal["keep", "agpo", "drop", "rl_zvp"] = "keep"
+    """Homogeneous groups: keep the estimator's output, apply AGPO's +/-1 rule, drop them (out of
+    the loss and its token denominator), or give them RL-ZVP's entropy-guided token advantages."""
+    zvp_alpha: float = 0.1
+    """RL-ZVP's scale alpha: |A_t| = alpha * (entropy of token t), or alpha * (max entropy in the
+    completion - entropy of t) in all-wrong groups (0.1 as in the implementations we checked)."""
     r_min: float = 0.0
     """Lowest reward the correctness reward can give (AGPO's all-wrong bound)."""
     r_max: float = 1.0
@@ -245,6 +249,7 @@ class AlgorithmConfig(Settings):
         check("mu", self.mu >= 1, "must be >= 1")
         check("overlong_cache", self.overlong_cache >= 1, "must be >= 1")
         check("max_resample_rounds", self.max_resample_rounds >= 0, "must be >= 0")
+        check("zvp_alpha", self.zvp_alpha > 0, "must be > 0")
         resample_ok = not self.max_resample_rounds or self.zero_variance == "drop"
         check("max_resample_rounds", resample_ok, "needs algorithm.zero_variance=drop")
 
@@ -621,6 +626,67 @@ class ReproduceConfig(Settings):
         unique = len(set(self.methods)) == len(self.methods)
         check("methods", bool(self.methods) and unique, "name at least one method, each once")
         check("seeds", bool(self.seeds), "name at least one seed")
+        check("jobs", self.jobs >= 1, "must be >= 1")
+        check("base_config", Path(self.base_config).is_file(), "file not found; pass a YAML config")
+        for item in self.overrides:
+            well_formed = "=" in item and "." in item.partition("=")[0]
+            check("overrides", well_formed, f"{item!r} must look like section.key=value")
+
+
+@dataclass
+class StudyConfig(Settings):
+    """A study: the `reproduce` comparison repeated along one axis, each arm its own results folder
+    (resumable like reproduce), then one table and one figure across the arms.
+    stability: one arm per learning rate; regime: one arm per starting checkpoint."""
+
+    study: Literal["stability", "regime"] = "stability"
+    """Which axis: learning rates (stability) or starting checkpoints (regime)."""
+    name: str | None = None
+    """Results go to <out_dir>/<name>/ (None: the study's name, "-quick" added with quick)."""
+    base_config: str = str(CONFIGS_DIR / "reproduce.yaml")
+    """YAML config shared by every run (the embedded default's budget)."""
+    methods: tuple[str, ...] = (
+        "grpo", "agpo", "agpo_adv_only", "length_only", "agpo_mask", "rl_zvp", "dapo", "dr_grpo",
+    )  # fmt: skip
+    """Methods (agpo_lab.experiments.methods.METHODS), the same in every arm."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds per method and arm."""
+    learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    """stability: one arm per optim.lr, from stable to unstable for the embedded model."""
+    checkpoints: tuple[str, ...] = ("weak", "embedded")
+    """regime: starting checkpoints (model.name_or_path values); "weak" is the embedded recipe
+    stopped early (weak_steps SFT steps), built on first use into <out_dir>/<name>/weak_model."""
+    weak_steps: int = 300
+    """SFT steps of the "weak" checkpoint (the embedded model has 2000): more all-wrong than
+    all-correct groups."""
+    out_dir: str = "results"
+    """Parent folder of the results."""
+    jobs: int = 2
+    """Runs in parallel (processes); each gets cpu_count // jobs threads."""
+    quick: bool = False
+    """Smoke-test budget (a few steps, one seed): checks the pipeline, is not a result."""
+    docs: bool = True
+    """A full (non-quick) study copies its table and figures into docs_dir/<study>."""
+    docs_dir: str = str(DOCS_RESULTS_DIR)
+    """Parent folder `docs` copies into."""
+    overrides: list[str] = field(default_factory=list)
+    """Extra section.key=value overrides applied to every run (after the method's and the arm's)."""
+
+    @property
+    def results_name(self) -> str:
+        """The name of the results folder: `name`, or the study's name (+ "-quick")."""
+        return self.name or (f"{self.study}-quick" if self.quick else self.study)
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker(self.PREFIX, self)
+        unique = len(set(self.methods)) == len(self.methods)
+        check("methods", bool(self.methods) and unique, "name at least one method, each once")
+        check("seeds", bool(self.seeds), "name at least one seed")
+        lrs = self.learning_rates
+        check("learning_rates", bool(lrs) and min(lrs) > 0, "name at least one lr, each > 0")
+        check("checkpoints", bool(self.checkpoints), "name at least one checkpoint")
+        check("weak_steps", self.weak_steps >= 1, "must be >= 1")
         check("jobs", self.jobs >= 1, "must be >= 1")
         check("base_config", Path(self.base_config).is_file(), "file not found; pass a YAML config")
         for item in self.overrides:

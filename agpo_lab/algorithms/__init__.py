@@ -12,7 +12,9 @@ from agpo_lab.algorithms.advantages import (
     grpo_advantage,
     is_homogeneous,
     reinforce_pp_baseline_advantage,
+    rl_zvp_token_advantages,
     rloo_advantage,
+    zero_variance_sign,
 )
 from agpo_lab.algorithms.length_rewards import (
     agpo_length_reward,
@@ -38,5 +40,7 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "reinforce_pp_baseline_advantage",
+    "rl_zvp_token_advantages",
     "rloo_advantage",
+    "zero_variance_sign",
 ]

@@ -1,4 +1,5 @@
-"""Group-relative advantage estimators: GRPO, AGPO, Dr.GRPO, RLOO, REINFORCE++-baseline.
+"""Group-relative advantage estimators: GRPO, AGPO, Dr.GRPO, RLOO, REINFORCE++-baseline, and RL-ZVP's
+token-level advantages for zero-variance groups.
 
 Every function takes rewards shaped [num_groups, G] (row = the G completions of one prompt) and
 returns advantages of the same shape, one scalar per completion (the trainer broadcasts it to every
@@ -20,7 +21,7 @@ from torch import Tensor
 
 STD_CONVENTIONS = ("population", "bessel")
 INTERMEDIATE_RULES = ("zero", "midpoint_sign")
-ZERO_VARIANCE_POLICIES = ("keep", "agpo", "drop")
+ZERO_VARIANCE_POLICIES = ("keep", "agpo", "drop", "rl_zvp")
 DEFAULT_EPS = 1e-4  # TRL 1.16's constant; verl uses 1e-6
 DEFAULT_ATOL = 1e-6  # two rewards closer than this count as equal
 
@@ -234,6 +235,53 @@ def reinforce_pp_baseline_advantage(
     return centred / (batch_std + eps)
 
 
+def zero_variance_sign(
+    rewards: Tensor, r_min: float, r_max: float, *, atol: float = DEFAULT_ATOL
+) -> Tensor:
+    """[num_groups] +1 for an all-max group, -1 for an all-min group, 0 otherwise (mixed groups and
+    homogeneous groups between the bounds): the direction AGPO and RL-ZVP give such a group.
+
+    Example (r_min=0, r_max=1): [[1, 1], [0, 0], [1, 0], [.5, .5]] -> [1, -1, 0, 0].
+    """
+    stats = group_stats(rewards, r_min, r_max, atol=atol)
+    return stats["all_max"].long() - stats["all_min"].long()
+
+
+def rl_zvp_token_advantages(
+    entropy: Tensor, mask: Tensor, sign: Tensor, alpha: float = 0.1
+) -> Tensor:
+    """RL-ZVP (arXiv 2509.21880): token advantages [B, T] of completions in zero-variance groups.
+
+        A_{i,t} = +alpha * H_{i,t}                           sign_i = +1 (group all correct)
+        A_{i,t} = -alpha * (max_{t'} H_{i,t'} - H_{i,t})     sign_i = -1 (group all wrong)
+        A_{i,t} = 0                                          sign_i = 0  (any other row)
+
+    H_{i,t} is the entropy of the distribution token t was sampled from (no gradient flows
+    through it), the max runs over row i's own tokens (mask), padding gets 0. A correct answer is
+    reinforced most where the model was unsure; a wrong one is pushed down most where it was
+    confident (low entropy). Mixed groups keep their group-relative advantage (the caller's).
+
+    Example: entropy [[1, 3, 9], [2, 5, 0]], mask [[1, 1, 0], [1, 1, 0]], sign [1, -1],
+    alpha 0.1 -> [[0.1, 0.3, 0.0], [-0.3, 0.0, 0.0]].
+    """
+    if entropy.dim() != 2 or mask.shape != entropy.shape:
+        raise ValueError(
+            f"entropy and mask must both be shaped [B, T], got {tuple(entropy.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    if sign.shape != entropy.shape[:1]:
+        raise ValueError(f"sign must be shaped [B] = [{entropy.shape[0]}], got {tuple(sign.shape)}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    mask = mask.bool()
+    h = torch.where(mask, entropy.detach().float(), 0.0)
+    row_max = torch.where(mask, h, -math.inf).amax(dim=1, keepdim=True).clamp(min=0)
+    positive, negative = alpha * h, -alpha * (row_max - h)
+    sign = sign[:, None]
+    out = torch.where(sign > 0, positive, torch.where(sign < 0, negative, torch.zeros_like(h)))
+    return torch.where(mask, out, 0.0)
+
+
 ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": grpo_advantage,
     "agpo": agpo_advantage,
@@ -263,6 +311,8 @@ def compute_advantages(
         otherwise (needs r_min, r_max).
       - "drop": advantage 0 and group_mask False, so the loss masks the group out (pass the mask
         to the loss as zero rows; see loss.policy_loss).
+      - "rl_zvp": advantage 0 here (group_mask True); the caller gives such groups RL-ZVP's
+        token-level advantages (`rl_zvp_token_advantages`), which need the tokens' entropies.
     Returns (advantages [num_groups, G], group_mask [num_groups] bool, False only for dropped).
 
     Example: compute_advantages(torch.tensor([[1., 1.], [1., 0.]]), "grpo", zero_variance="drop")
@@ -289,7 +339,9 @@ def compute_advantages(
     if zero_variance == "agpo":
         r_min, r_max = _check_bounds(r_min, r_max)
         advantages = _apply_agpo_rule(advantages, rewards, r_min, r_max, intermediate, atol)
-    elif zero_variance == "drop":
-        group_mask = ~is_homogeneous(rewards, atol)
-        advantages = advantages * group_mask[:, None]
+    elif zero_variance in ("drop", "rl_zvp"):
+        mixed = ~is_homogeneous(rewards, atol)
+        advantages = advantages * mixed[:, None]
+        if zero_variance == "drop":
+            group_mask = mixed
     return advantages, group_mask

@@ -10,6 +10,7 @@ SIGTERM), saved, no result written; 2: one of the user's errors (its line is in 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from agpo_lab.experiments.methods import REFERENCE
 from agpo_lab.experiments.reproduce import EXIT_INTERRUPTED, Job, job_result
 from agpo_lab.models.loading import load_policy
 from agpo_lab.tasks.registry import build_task
-from agpo_lab.training.run_dir import write_file
+from agpo_lab.training.run_dir import load_metrics, write_file
 from agpo_lab.training.trainer import Trainer
 
 
@@ -67,10 +68,25 @@ def run_job(job: Job) -> dict | None:
     records = evaluate_records(model, tokenizer, task, problems, cfg.eval, generator=generator)
     write_file(job.run_dir / "eval_records.csv", records.to_csv(index=False).encode())
     result = {"method": job.method, "seed": job.seed, **summarize_records(records, cfg.eval.k)}
+    result.update(training_compute(job.run_dir))
     result["wall_seconds"] = time.perf_counter() - started
     result["threads"] = job.threads
     write_file(job.run_dir / "result.json", json.dumps(result, indent=1).encode())  # complete
     return result
+
+
+def training_compute(run_dir: Path) -> dict[str, float]:
+    """What the run's sampling cost in all (dynamic resampling included), from its metrics.jsonl:
+    train/completions and train/tokens generated, so that methods compare at equal compute;
+    0 for the reference row, which trains nothing."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return {"train/completions": 0.0, "train/tokens": 0.0}
+    metrics = load_metrics(run_dir)
+    totals = {}
+    for name in ("completions", "tokens"):
+        column = f"rollout/{name}"
+        totals[f"train/{name}"] = float(metrics[column].sum()) if column in metrics else math.nan
+    return totals
 
 
 def _job_main(spec: str) -> int:

@@ -10,6 +10,12 @@ from __future__ import annotations
 REFERENCE = "start"
 """Method name of the reference row: the starting checkpoint, evaluated without training."""
 
+RESAMPLE_ROUNDS = 3
+"""Dynamic sampling (agpo_mask, dapo): at most this many extra rounds to refill dropped groups.
+The authors' code and DAPO sample until the batch is full; a bound keeps a CPU step's cost
+predictable (each round samples only as many groups as are still missing), and every generated
+token is counted (train/tokens), so the comparison stays at equal compute."""
+
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm.estimator=grpo", "algorithm.length_reward=none"],
     "agpo": ["algorithm.estimator=agpo", "algorithm.length_reward=agpo"],
@@ -18,6 +24,37 @@ METHODS: dict[str, list[str]] = {
     "dr_grpo": [
         "algorithm.estimator=dr_grpo",
         "algorithm.aggregation=seq_mean_token_sum_norm",
+        "algorithm.length_reward=none",
+    ],
+    # AGPO as the first author's code does it (ColossalAI feat/agpo; docs/method.md): no +/-1;
+    # homogeneous groups masked out of the loss and its token denominator, refilled by dynamic
+    # sampling; clip-higher; token-level loss; the correct-only length bonus. Their rewards are
+    # +1/-1 with bonus 0.1, i.e. 0.05 on our 0/1 scale (a z-score only sees the ratio).
+    "agpo_mask": [
+        "algorithm.estimator=grpo",
+        "algorithm.zero_variance=drop",
+        f"algorithm.max_resample_rounds={RESAMPLE_ROUNDS}",
+        "algorithm.clip_high=0.28",
+        "algorithm.aggregation=token_mean",
+        "algorithm.length_reward=agpo",
+        "algorithm.length_weight=0.05",
+    ],
+    # DAPO (arXiv 2503.14476): clip-higher, dynamic sampling, token-level loss, soft overlong
+    # punishment (window algorithm.overlong_cache before max_new_tokens).
+    "dapo": [
+        "algorithm.estimator=grpo",
+        "algorithm.zero_variance=drop",
+        f"algorithm.max_resample_rounds={RESAMPLE_ROUNDS}",
+        "algorithm.clip_high=0.28",
+        "algorithm.aggregation=token_mean",
+        "algorithm.length_reward=dapo_overlong",
+    ],
+    # RL-ZVP (arXiv 2509.21880): GRPO on mixed groups; zero-variance groups get entropy-guided
+    # token advantages (sign from correctness). Everything else as grpo, so the row differs from
+    # GRPO's by that one choice.
+    "rl_zvp": [
+        "algorithm.estimator=grpo",
+        "algorithm.zero_variance=rl_zvp",
         "algorithm.length_reward=none",
     ],
 }

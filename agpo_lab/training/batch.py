@@ -32,11 +32,19 @@ class RowBatch:
     active: Tensor
     """[B] bool, False for rows of dropped groups (they stay in the batch with no loss weight, so
     every process keeps the same shapes)."""
+    token_advantages: Tensor | None = None
+    """[B, C] one advantage per token (RL-ZVP), used by the loss instead of `advantages`; None:
+    every token of a row gets the row's advantage."""
 
     @property
     def model_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(prompt_ids, prompt_mask, completion_ids, completion_mask): what log-probs need."""
         return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+    @property
+    def loss_advantages(self) -> Tensor:
+        """What the loss multiplies the ratio by: [B, C] token advantages, else [B] row ones."""
+        return self.advantages if self.token_advantages is None else self.token_advantages
 
     @property
     def loss_mask(self) -> Tensor:
@@ -45,7 +53,8 @@ class RowBatch:
 
     def select(self, rows: Tensor) -> RowBatch:
         """The rows at index `rows`, in that order."""
-        return RowBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+        picked = (getattr(self, f.name) for f in fields(self))
+        return RowBatch(*(None if t is None else t[rows] for t in picked))
 
     def trimmed(self) -> RowBatch:
         """The same rows without the columns that are padding in every row (prompt columns on
@@ -60,6 +69,9 @@ class RowBatch:
             old_logprobs=self.old_logprobs[:, :width],
             advantages=self.advantages,
             active=self.active,
+            token_advantages=None
+            if self.token_advantages is None
+            else self.token_advantages[:, :width],
         )
 
     def row_lengths(self) -> tuple[Tensor, Tensor]:
@@ -86,6 +98,9 @@ class RowBatch:
             old_logprobs=cat("old_logprobs", completion_width, 0, left=False),
             advantages=cat("advantages", None, 0, False),
             active=cat("active", None, 0, False),
+            token_advantages=None
+            if any(b.token_advantages is None for b in batches)
+            else cat("token_advantages", completion_width, 0, left=False),
         )
 
     def replace_groups(

@@ -61,6 +61,37 @@ def rollout_metrics(
     }
 
 
+BRANCHES = ("all_correct", "all_wrong", "mixed")
+"""Group kinds by correctness: the branches AGPO treats differently (+1, -1, group-relative)."""
+
+
+def branch_metrics(scores: Tensor, lengths: Tensor, end_prob: Tensor) -> dict[str, float | None]:
+    """Completion length and end-token probability per branch (group kind).
+
+    scores / lengths / end_prob: [num_groups, G]; end_prob is the probability the policy gave the
+    stop token where the completion stopped (NaN for a truncated one). A falling end_token/prob in
+    all-wrong groups is the -1 branch teaching the model not to stop. None where a branch is empty.
+    Example: scores [[1, 1], [1, 0]], lengths [[4, 6], [8, 2]], end_prob [[.5, .7], [.9, nan]] ->
+    length/mean_all_correct 5.0, end_token/prob_all_correct 0.6, length/mean_mixed 5.0,
+    end_token/prob_mixed 0.9, all_wrong: None.
+    """
+    stats = group_stats(scores, 0.0, 1.0)
+    kinds = {
+        "all_correct": stats["all_max"],
+        "all_wrong": stats["all_min"],
+        "mixed": stats["mixed"],
+    }
+    out: dict[str, float | None] = {}
+    for name in BRANCHES:
+        rows = kinds[name]
+        probs = end_prob[rows].flatten()
+        out[f"length/mean_{name}"] = _mean(lengths[rows].float())
+        out[f"end_token/prob_{name}"] = _mean(probs[~torch.isnan(probs)])
+    ended = end_prob[~torch.isnan(end_prob)]
+    out["end_token/prob"] = _mean(ended)
+    return out
+
+
 class UpdateStats:
     """Averages loss diagnostics over optimizer steps (each step's value is already the
     micro-batch-weighted mini-batch value; `summary` reports the loss, KL, clip and grad-norm

@@ -66,3 +66,31 @@ def group_advantages(rewards: Tensor, cfg: AlgorithmConfig) -> tuple[Tensor, Ten
         intermediate=cfg.intermediate,
         **options,
     )
+
+
+def token_advantages(
+    rewards: Tensor, advantages: Tensor, entropy: Tensor, completion_mask: Tensor,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """(row advantages [B], token advantages [B, C] or None) for the loss.
+
+    Only zero_variance="rl_zvp" has token-level advantages: mixed groups keep their row's value on
+    every token, all-correct / all-wrong groups get `rl_zvp_token_advantages` from the sampling
+    entropies [B, C]; their row advantage becomes the mean over their tokens (0 exactly when every
+    token's is 0, so the update still skips rows without gradient). Otherwise: (flat, None).
+
+    Example: rewards [[1, 1]], entropy [[1, 3], [2, 2]], full mask, alpha 0.1 ->
+    tokens [[0.1, 0.3], [0.2, 0.2]], rows [0.2, 0.2].
+    """
+    flat = advantages.flatten()
+    if cfg.zero_variance != "rl_zvp":
+        return flat, None
+    G = rewards.shape[1]
+    sign = adv_lib.zero_variance_sign(rewards, cfg.r_min, cfg.r_max).repeat_interleave(G)
+    sign = sign.to(entropy.device)
+    shaped = adv_lib.rl_zvp_token_advantages(entropy, completion_mask, sign, cfg.zvp_alpha)
+    mask = completion_mask.to(shaped.dtype)
+    flat = flat.to(shaped.device, shaped.dtype)
+    tokens = torch.where(sign[:, None] != 0, shaped, flat[:, None] * mask)
+    row_mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.where(sign != 0, row_mean, flat), tokens

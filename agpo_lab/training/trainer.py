@@ -6,7 +6,8 @@ Read `Trainer.train`, `Trainer.train_step` and `Trainer._update` top to bottom. 
     2. sample G completions per prompt with the current policy (their log-probs are the "old" ones)
     3. reward = task score + length shaping, computed on whole groups
     4. advantages per group (GRPO, AGPO, ...); zero_variance=drop masks homogeneous groups and can
-       resample replacements (DAPO dynamic sampling, at most algorithm.max_resample_rounds rounds)
+       resample replacements (DAPO dynamic sampling, at most algorithm.max_resample_rounds rounds);
+       zero_variance=rl_zvp gives them entropy-guided token advantages (RL-ZVP)
     5. the update, as `planning.plan_update` lays it out: mu epochs of mini-batch AdamW steps on the
        clipped surrogate (+ beta * KL), each the sum of length-sorted micro-batch passes over the
        rows that carry a gradient; gradient clipping; linear warm-up
@@ -20,6 +21,7 @@ for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -50,10 +52,16 @@ from agpo_lab.training.checkpoints import (
 )
 from agpo_lab.training.distributed import Processes
 from agpo_lab.training.interrupts import StopRequest
-from agpo_lab.training.metrics import RatioGuard, UpdateStats, rollout_metrics, sample_records
-from agpo_lab.training.planning import plan_update
+from agpo_lab.training.metrics import (
+    RatioGuard,
+    UpdateStats,
+    branch_metrics,
+    rollout_metrics,
+    sample_records,
+)
+from agpo_lab.training.planning import UpdatePlan, plan_update
 from agpo_lab.training.reference import load_reference, reference_logprobs
-from agpo_lab.training.rewards import group_advantages, shaped_rewards
+from agpo_lab.training.rewards import group_advantages, shaped_rewards, token_advantages
 from agpo_lab.training.run_dir import RunDir
 from agpo_lab.training.tracking import Trackers, check_trackers
 
@@ -67,6 +75,13 @@ def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
     Example: linear_warmup(4) gives 0.25, 0.5, 0.75, 1.0, 1.0, ... for s = 0, 1, 2, ...
     """
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _computed_tokens(batch: RowBatch, plan: UpdatePlan) -> int:
+    """Prompt + completion tokens (padding excluded) that the update's forward/backward passes
+    went through, summed over its epochs; rows whose gradient is exactly 0 are never computed."""
+    real = batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)
+    return sum(int(real[m.rows].sum()) for step in plan.steps for m in step.micro_batches)
 
 
 class Trainer:
@@ -214,7 +229,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One RL step (rollout, rewards, advantages, update); returns its metrics."""
-        t0, extra_tokens, procs = time.perf_counter(), 0, self.processes
+        t0, extra_tokens, extra_rows, procs = time.perf_counter(), 0, 0, self.processes
         G, per_process = self.cfg.rollout.group_size, self.cfg.run.prompts_per_step // procs.world
         shared = torch.randperm(len(self.problems), generator=self.state.data_generator)
         picks = shared.repeat(-(-self.cfg.run.prompts_per_step // len(self.problems)))
@@ -224,10 +239,13 @@ class Trainer:
         scored = [info[key] for key in ("scores", "rewards", "lengths", "truncated")]
         advantages, active = batch.advantages.view(-1, G).cpu(), batch.active.view(-1, G)[:, 0]
         metrics = rollout_metrics(*procs.gather(*scored, advantages, active.cpu()))
+        metrics.update(
+            branch_metrics(*procs.gather(info["scores"], info["lengths"], info["end_prob"]))
+        )
         entropy, tokens = procs.sum(info["entropy_sum"]), procs.sum(info["tokens"])
         metrics["policy/entropy"] = entropy / max(tokens, 1)  # of the sampling distribution
         if self.cfg.algorithm.zero_variance == "drop":
-            batch, dynamic, extra_tokens = self._replace_dropped_groups(batch)
+            batch, dynamic, extra_tokens, extra_rows = self._replace_dropped_groups(batch)
             metrics.update(dynamic)
         t1 = time.perf_counter()
         faults.point("step.rollout")
@@ -239,7 +257,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         tokens = procs.sum(info["tokens"] + extra_tokens)
         metrics.update(
-            {
+            {  # what sampling cost, resampled groups included: the compute to compare methods by
+                "rollout/completions": procs.sum(len(problems) * G + extra_rows),
+                "rollout/tokens": tokens,
                 "optim/lr": self.state.scheduler.get_last_lr()[0],
                 "perf/step_seconds": seconds,
                 "perf/rollout_seconds": t1 - t0,
@@ -268,23 +288,32 @@ class Trainer:
         rewards = shaped_rewards(scores, lengths, a, self.cfg.rollout.max_new_tokens)
         advantages, group_mask = group_advantages(rewards, a)
         device = self.processes.device
+        row_adv, token_adv = token_advantages(
+            rewards, advantages, out.entropy, out.completion_mask, a
+        )
         batch = RowBatch(
             prompt_ids=out.prompt_ids,
             prompt_mask=out.prompt_mask,
             completion_ids=out.completion_ids,
             completion_mask=out.completion_mask,
             old_logprobs=out.logprobs,
-            advantages=advantages.flatten().to(device),
+            advantages=row_adv.to(device),
             active=group_mask.repeat_interleave(G).to(device),
+            token_advantages=None if token_adv is None else token_adv.to(device),
         )
-        info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated}
+        stop_logprob = out.logprobs.gather(1, (out.lengths - 1)[:, None]).squeeze(1).cpu()
+        end_prob = stop_logprob.exp().masked_fill(out.truncated.cpu(), math.nan).view(-1, G)
+        info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated,
+                "end_prob": end_prob}  # fmt: skip
         tokens, entropy = int(out.lengths.sum()), out.entropy.sum().item()
         return batch, {**info, "texts": out.texts, "tokens": tokens, "entropy_sum": entropy}
 
-    def _replace_dropped_groups(self, batch: RowBatch) -> tuple[RowBatch, dict[str, float], int]:
+    def _replace_dropped_groups(
+        self, batch: RowBatch
+    ) -> tuple[RowBatch, dict[str, float], int, int]:
         """DAPO dynamic sampling: swap dropped groups for freshly sampled informative ones.
-        Returns the batch, dynamic/* metrics and the number of extra tokens generated."""
-        G, rounds, extra_tokens = self.cfg.rollout.group_size, 0, 0
+        Returns the batch, dynamic/* metrics and the extra tokens and completions generated."""
+        G, rounds, extra_tokens, extra_rows = self.cfg.rollout.group_size, 0, 0, 0
         while rounds < self.cfg.algorithm.max_resample_rounds:
             dropped = (~batch.active.view(-1, G)[:, 0]).nonzero().flatten().tolist()
             if not dropped:
@@ -295,6 +324,7 @@ class Trainer:
             picks = torch.randint(n, (len(dropped),), generator=gen, device=self.processes.device)
             extra, info = self._rollout([self.problems[i] for i in picks.tolist()])
             extra_tokens += info["tokens"]
+            extra_rows += len(dropped) * G
             fresh = extra.active.view(-1, G)[:, 0].nonzero().flatten().tolist()
             tok = self.tokenizer
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -304,7 +334,7 @@ class Trainer:
             "dynamic/resample_rounds": self.processes.mean(rounds),
             "dynamic/active_frac": self.processes.mean(active_groups.item()),
         }
-        return batch, dynamic, extra_tokens
+        return batch, dynamic, extra_tokens, extra_rows
 
     # ---- the update ------------------------------------------------------------------------
 
@@ -342,7 +372,7 @@ class Trainer:
                     loss, diagnostics = policy_loss(
                         logps,
                         mb.old_logprobs,
-                        mb.advantages,
+                        mb.loss_advantages,
                         mb.loss_mask,
                         mb_ref,
                         clip_low=a.clip_low,
@@ -369,7 +399,8 @@ class Trainer:
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
-        return {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
+        summary = {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
+        return {**summary, "perf/update_tokens": procs.sum(_computed_tokens(batch, plan))}
 
     # ---- evaluation, logging, checkpoints ---------------------------------------------------
 
