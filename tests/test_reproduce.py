@@ -70,11 +70,15 @@ def test_quick_reproduce_end_to_end_and_skip_on_rerun(tmp_path):
     assert list(summary["method"]) == ["start", "grpo", "agpo"]
     assert summary["accuracy_mean"].between(0, 1).all()
     assert (summary["tokens_mean"] > 0).all()
+    # equal compute: 3 steps x 4 prompts x G=8 sampled, each at least one token; start trains none
+    trained = summary.set_index("method")["train_tokens_mean"]
+    assert trained["start"] == 0 and (trained[["grpo", "agpo"]] >= 3 * 4 * 8).all()
     for figure in (
         "accuracy_vs_tokens",
         "training_curves",
         "zero_variance",
         "length_distributions",
+        "accuracy_vs_training_tokens",
     ):
         assert (root / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     metrics = pd.read_json(root / "runs" / "agpo" / "seed0" / "metrics.jsonl", lines=True)

@@ -142,6 +142,51 @@ def plot_accuracy_vs_tokens(
     return fig
 
 
+def plot_accuracy_vs_training_tokens(
+    metrics: pd.DataFrame,
+    summary: pd.DataFrame,
+    smooth: int = 5,
+    title: str = "Accuracy against the tokens sampled during training (equal compute)",
+) -> Figure:
+    """Left: training accuracy (y, moving mean over `smooth` steps) against the cumulative tokens
+    sampled so far (x), mean over seeds; right: held-out pass@1 against the total tokens sampled
+    in training, with 95% intervals. A method that samples more per step (dynamic sampling) sits
+    further right, so none wins by sampling more without it showing.
+
+    `metrics`: per-step rows with method, seed, step, reward/accuracy and rollout/tokens;
+    `summary`: `report.summarize`'s rows (accuracy_*, train_tokens_*).
+    """
+    _require_columns(
+        metrics, ["method", "seed", "step", "reward/accuracy", "rollout/tokens"],
+        "plot_accuracy_vs_training_tokens",
+    )  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    methods = list(metrics["method"].unique())
+    colours = dict(zip(methods, plt.cm.tab10.colors, strict=False))
+    for method, frame in metrics.groupby("method", sort=False):
+        frame = frame.sort_values("step").copy()
+        frame["sampled"] = frame.groupby("seed")["rollout/tokens"].cumsum()
+        mean = frame.groupby("step")[["sampled", "reward/accuracy"]].mean()
+        accuracy = mean["reward/accuracy"].rolling(smooth, min_periods=1).mean()
+        axes[0].plot(mean["sampled"] / 1e3, accuracy, color=colours[method], label=method)
+    axes[0].set_xlabel("tokens sampled in training so far (thousands)")
+    axes[0].set_ylabel("training accuracy (sampled batch)")
+    trained = summary[summary["method"].isin(methods)]
+    for _, row in trained.iterrows():
+        axes[1].errorbar(
+            row["train_tokens_mean"] / 1e3, row["accuracy_mean"],
+            xerr=np.nan_to_num(row["train_tokens_ci"] / 1e3), yerr=np.nan_to_num(row["accuracy_ci"]),
+            fmt="o", capsize=4, color=colours[row["method"]], label=row["method"],
+        )  # fmt: skip
+    axes[1].set_xlabel("tokens sampled in training, total (thousands)")
+    axes[1].set_ylabel("held-out pass@1 (sampled)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 def plot_zero_variance(metrics: pd.DataFrame, smooth: int = 5) -> Figure:
     """Fraction of zero-variance groups over training, split into all-correct and all-wrong."""
     panels = (

@@ -29,6 +29,13 @@ def _fmt(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _mean_ci_or_nan(values: list[float]) -> tuple[float, float]:
+    """mean_ci95, or (NaN, NaN) when no value is finite (e.g. the mean length of correct
+    completions of runs that solved nothing): shown as n/a."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return mean_ci95(finite) if finite else (math.nan, math.nan)
+
+
 def summarize(
     results: pd.DataFrame, training: pd.DataFrame, baseline: str, reference: str
 ) -> pd.DataFrame:
@@ -43,12 +50,14 @@ def summarize(
             ("tokens", "eval/mean_tokens"),
             ("tokens_correct", "eval/mean_tokens_correct"),
         ):
-            row[f"{key}_mean"], row[f"{key}_ci"] = mean_ci95(runs[column].tolist())
+            row[f"{key}_mean"], row[f"{key}_ci"] = _mean_ci_or_nan(runs[column].tolist())
         row["token_ratio_vs_" + baseline], row["token_ratio_ci"] = (
             ratio_ci95(base_tokens, runs["eval/mean_tokens"].tolist())
             if base_tokens
             else (math.nan, math.nan)
         )
+        tokens = runs["train/tokens"].tolist() if "train/tokens" in runs else []
+        row["train_tokens_mean"], row["train_tokens_ci"] = _mean_ci_or_nan(tokens)
         row["final_zero_var_frac"] = _final_zero_var(training, method)
         row["wall_seconds"] = float(runs["wall_seconds"].mean())
         rows.append(row)
@@ -71,8 +80,9 @@ def to_markdown(summary: pd.DataFrame, baseline: str) -> str:
     ratio = "token_ratio_vs_" + baseline
     lines = [
         f"| method | seeds | pass@1 (sampled) | pass@1 (greedy) | mean tokens | tokens (correct) "
-        f"| {baseline} tokens / method tokens | final zero-var frac | wall s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| {baseline} tokens / method tokens | final zero-var frac | tokens sampled in training "
+        "(k) | wall s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in summary.iterrows():
         lines.append(
@@ -81,7 +91,9 @@ def to_markdown(summary: pd.DataFrame, baseline: str) -> str:
             f"| {_fmt(r['tokens_mean'], r['tokens_ci'], 1)} "
             f"| {_fmt(r['tokens_correct_mean'], r['tokens_correct_ci'], 1)} "
             f"| {_fmt(r[ratio], r['token_ratio_ci'], 2)} "
-            f"| {_fmt(r['final_zero_var_frac'], math.nan, 2)} | {r['wall_seconds']:.0f} |"
+            f"| {_fmt(r['final_zero_var_frac'], math.nan, 2)} "
+            f"| {_fmt(r['train_tokens_mean'] / 1e3, r['train_tokens_ci'] / 1e3, 1)} "
+            f"| {r['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -101,6 +113,10 @@ def write_report(root: Path, results: pd.DataFrame, baseline: str, reference: st
     if not training.empty:
         figures["training_curves.png"] = plots.plot_training_curves(training)
         figures["zero_variance.png"] = plots.plot_zero_variance(training)
+        if "rollout/tokens" in training:
+            figures["accuracy_vs_training_tokens.png"] = plots.plot_accuracy_vs_training_tokens(
+                training, summary
+            )
     for name, fig in figures.items():
         fig.savefig(root / name, dpi=120)
         plt.close(fig)

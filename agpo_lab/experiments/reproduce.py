@@ -40,7 +40,13 @@ from agpo_lab.training.run_dir import FolderLock, write_file
 
 QUICK_OVERRIDES = ["run.steps=3", "run.prompts_per_step=4", "eval.n_problems=16", "eval.k=2"]
 """quick: the same pipeline with a tiny budget (a smoke test, not a result)."""
-DOCS_FILES = ("summary.md", "summary.csv", "accuracy_vs_tokens.png", "training_curves.png")
+DOCS_FILES = (
+    "summary.md",
+    "summary.csv",
+    "accuracy_vs_tokens.png",
+    "training_curves.png",
+    "accuracy_vs_training_tokens.png",
+)
 """The table and figures a full run copies into docs/results for the README."""
 DOCS_RUN_FILES = ("result.json", "metrics.jsonl", "eval_records.csv", "config.yaml")
 """What it copies of each run (no checkpoints): enough for notebook 03 to redraw everything."""

@@ -1,0 +1,102 @@
+"""Does a method's effect depend on where training starts? Curves per branch, weak vs strong start.
+
+AGPO's -1 branch is unlikelihood on the model's own samples; a weak starting model has many
+all-wrong groups, and pushing down every token of a wrong completion also pushes down the token
+that ends it, so completions may grow. Per step the trainer logs, per branch (all-correct,
+all-wrong, mixed group), the mean completion length (length/mean_<branch>) and the probability the
+policy gave the stop token where a completion stopped (end_token/prob_<branch>). This module
+reads them for every run of every arm and draws them over training.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from agpo_lab.experiments.results import load_training_metrics
+from agpo_lab.training.metrics import BRANCHES
+
+CURVES = (
+    ("length/mean", "mean completion length"),
+    ("end_token/prob", "p(stop token) where it stopped"),
+    ("zero_var/all_wrong", "all-wrong groups"),
+    ("reward/accuracy", "training accuracy"),
+)
+"""The panels of the regime figure (metric, title), one row per arm."""
+
+
+def regime_metrics(arms: dict[str, object], methods: list[str]) -> pd.DataFrame:
+    """Per-step training metrics of every run of every arm (a results folder each), with arm,
+    method and seed columns."""
+    frames = [load_training_metrics(root, methods).assign(arm=arm) for arm, root in arms.items()]
+    return pd.concat([f for f in frames if not f.empty], ignore_index=True)
+
+
+def branch_summary(metrics: pd.DataFrame, first: int = 5, last: int = 5) -> pd.DataFrame:
+    """Per (arm, method): mean of the first and last few steps of the length and the stop-token
+    probability, overall and per branch (NaN where a branch never occurred in those steps)."""
+    rows = []
+    for (arm, method), group in metrics.groupby(["arm", "method"], sort=False):
+        steps = sorted(group["step"].unique())
+        head = group[group["step"].isin(steps[:first])]
+        tail = group[group["step"].isin(steps[-last:])]
+        row = {"arm": arm, "method": method}
+        for branch in ("", *BRANCHES):
+            suffix = f"_{branch}" if branch else ""
+            for metric, short in (("length/mean", "len"), ("end_token/prob", "p_end")):
+                column = metric + suffix
+                if column in group:
+                    name = f"{short}{suffix}"
+                    row[f"{name}_start"] = head[column].astype(float).mean()
+                    row[f"{name}_end"] = tail[column].astype(float).mean()
+        row["all_wrong_start"] = head["zero_var/all_wrong"].mean()
+        row["all_correct_start"] = head["zero_var/all_correct"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def branch_markdown(summary: pd.DataFrame) -> str:
+    """The per-branch summary as Markdown: start -> end of length and stop-token probability."""
+
+    def pair(row: pd.Series, name: str, fmt: str) -> str:
+        a, b = row.get(f"{name}_start"), row.get(f"{name}_end")
+        if a is None or b is None or pd.isna(a) or pd.isna(b):
+            return "n/a"
+        return f"{a:{fmt}} → {b:{fmt}}"
+
+    lines = [
+        "| start | method | all-wrong / all-correct groups at start | length | length, all-wrong "
+        "groups | p(stop) | p(stop), all-wrong groups | p(stop), all-correct groups |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in summary.iterrows():
+        lines.append(
+            f"| {r['arm']} | {r['method']} | {r['all_wrong_start']:.2f} / "
+            f"{r['all_correct_start']:.2f} | {pair(r, 'len', '.1f')} "
+            f"| {pair(r, 'len_all_wrong', '.1f')} | {pair(r, 'p_end', '.3f')} "
+            f"| {pair(r, 'p_end_all_wrong', '.3f')} | {pair(r, 'p_end_all_correct', '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_regime(metrics: pd.DataFrame, smooth: int = 5) -> Figure:
+    """One row per arm, one column per `CURVES` metric, one line per method (mean over seeds,
+    rolling mean over `smooth` steps)."""
+    arms = list(dict.fromkeys(metrics["arm"]))
+    methods = list(dict.fromkeys(metrics["method"]))
+    fig = Figure(figsize=(3.3 * len(CURVES), 2.6 * len(arms)), layout="constrained")
+    axes = fig.subplots(len(arms), len(CURVES), squeeze=False)
+    for i, arm in enumerate(arms):
+        for j, (metric, title) in enumerate(CURVES):
+            ax = axes[i][j]
+            for method in methods:
+                runs = metrics[(metrics["arm"] == arm) & (metrics["method"] == method)]
+                if metric not in runs or runs[metric].isna().all():
+                    continue
+                curve = runs.groupby("step")[metric].mean().rolling(smooth, min_periods=1).mean()
+                ax.plot(curve.index, curve.to_numpy(), label=method)
+            ax.set_title(f"{arm}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 8))
+    return fig
