@@ -18,7 +18,7 @@ from agpo_lab.errors import ConfigError
 from agpo_lab.experiments import stability
 from agpo_lab.experiments.methods import METHODS
 from agpo_lab.experiments.study import run_study, study_arms
-from agpo_lab.training.metrics import branch_metrics
+from agpo_lab.training.metrics import branch_metrics, stop_probability
 from agpo_lab.training.rewards import token_advantages
 from agpo_lab.training.trainer import Trainer
 from tests.conftest import ParityTask, make_config
@@ -154,6 +154,15 @@ def test_branch_metrics_worked_example_from_its_docstring():
     assert got["end_token/prob_all_correct"] == pytest.approx(0.6)
     assert got["end_token/prob_mixed"] == pytest.approx(0.9)
     assert got["length/mean_all_wrong"] is None and got["end_token/prob_all_wrong"] is None
+
+
+def test_stop_probability_worked_example_from_its_docstring():
+    got = stop_probability(
+        torch.tensor([[-1.0, -0.1], [-2.0, -3.0]]),
+        torch.tensor([2, 1]),
+        torch.tensor([False, True]),
+    )
+    assert got[0].item() == pytest.approx(math.exp(-0.1)) and math.isnan(got[1].item())
 
 
 # ---- stability statistics ---------------------------------------------------------------------

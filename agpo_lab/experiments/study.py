@@ -9,7 +9,8 @@ is an ordinary `reproduce` results folder under results/<study>/<arm>/, so an ar
 reproduce does and has its own table and figures; the study's files sit beside the arms:
 
     stability: summary.md / summary.csv (`stability.stability_table`), runs.csv (one row per run),
-               stability_map.png, curves.csv (the per-step metrics the notebook draws)
+               stability_map.png, curves.csv (the per-step metrics the notebook draws); each
+               arm's reproduce table and accuracy_vs_training_tokens.png (equal compute)
     regime:    summary.md / summary.csv (`regime.branch_summary`), regime_curves.png, curves.csv,
                weak_model/ (the weak checkpoint, built on first use by `agpo-lab pretrain`)
 """
@@ -114,7 +115,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
     else:
         write_regime(root, folders, list(cfg.methods))
     if cfg.docs and not cfg.quick:
-        copy_study_for_docs(root, Path(cfg.docs_dir) / cfg.study, cfg.study)
+        copy_study_for_docs(root, Path(cfg.docs_dir) / cfg.study, cfg.study, list(arms))
     return root
 
 
@@ -149,10 +150,15 @@ def _write_curves(root: Path, metrics: pd.DataFrame) -> None:
     write_file(root / "curves.csv", text.encode())
 
 
-def copy_study_for_docs(root: Path, docs: Path, study: str) -> None:
-    """Copy the study's table, per-run rows, curves and figure (no checkpoints) into `docs`."""
+def copy_study_for_docs(root: Path, docs: Path, study: str, arms: list[str]) -> None:
+    """Copy the study's table, per-run rows, curves and figure (no checkpoints) into `docs`, and
+    each arm's table and accuracy-against-sampled-tokens figure as <arm>_<file>."""
     docs.mkdir(parents=True, exist_ok=True)
     figure = "stability_map.png" if study == "stability" else "regime_curves.png"
     for name in ("summary.md", "summary.csv", "runs.csv", "curves.csv", "study.json", figure):
         if (root / name).is_file():
             shutil.copy2(root / name, docs / name)
+    for arm in arms:
+        for name in ("summary.md", "accuracy_vs_training_tokens.png"):
+            if (root / arm / name).is_file():
+                shutil.copy2(root / arm / name, docs / f"{arm}_{name}")

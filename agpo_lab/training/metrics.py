@@ -65,6 +65,17 @@ BRANCHES = ("all_correct", "all_wrong", "mixed")
 """Group kinds by correctness: the branches AGPO treats differently (+1, -1, group-relative)."""
 
 
+def stop_probability(logprobs: Tensor, lengths: Tensor, truncated: Tensor) -> Tensor:
+    """[B] the probability the sampling policy gave the stop token where each completion stopped
+    (the last sampled token's), NaN for a truncated completion (it never stopped).
+
+    Example: logprobs [[-1, -0.1], [-2, -3]], lengths [2, 1], truncated [False, True] ->
+    [0.905, nan].
+    """
+    last = logprobs.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    return last.exp().masked_fill(truncated, math.nan).cpu()
+
+
 def branch_metrics(scores: Tensor, lengths: Tensor, end_prob: Tensor) -> dict[str, float | None]:
     """Completion length and end-token probability per branch (group kind).
 

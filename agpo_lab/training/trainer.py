@@ -21,7 +21,6 @@ for bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from agpo_lab.training.metrics import (
     branch_metrics,
     rollout_metrics,
     sample_records,
+    stop_probability,
 )
 from agpo_lab.training.planning import UpdatePlan, plan_update
 from agpo_lab.training.reference import load_reference, reference_logprobs
@@ -301,8 +301,7 @@ class Trainer:
             active=group_mask.repeat_interleave(G).to(device),
             token_advantages=None if token_adv is None else token_adv.to(device),
         )
-        stop_logprob = out.logprobs.gather(1, (out.lengths - 1)[:, None]).squeeze(1).cpu()
-        end_prob = stop_logprob.exp().masked_fill(out.truncated.cpu(), math.nan).view(-1, G)
+        end_prob = stop_probability(out.logprobs, out.lengths, out.truncated).view(-1, G)
         info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated,
                 "end_prob": end_prob}  # fmt: skip
         tokens, entropy = int(out.lengths.sum()), out.entropy.sum().item()
