@@ -27,9 +27,13 @@ CURVES = (
 
 def regime_metrics(arms: dict[str, object], methods: list[str]) -> pd.DataFrame:
     """Per-step training metrics of every run of every arm (a results folder each), with arm,
-    method and seed columns."""
+    method and seed columns; arms in the given order, then methods in the given order."""
     frames = [load_training_metrics(root, methods).assign(arm=arm) for arm, root in arms.items()]
-    return pd.concat([f for f in frames if not f.empty], ignore_index=True)
+    metrics = pd.concat([f for f in frames if not f.empty], ignore_index=True)
+    arm_rank = {arm: i for i, arm in enumerate(arms)}
+    method_rank = {method: i for i, method in enumerate(methods)}
+    order = metrics["arm"].map(arm_rank) * len(methods) + metrics["method"].map(method_rank)
+    return metrics.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
 def branch_summary(metrics: pd.DataFrame, first: int = 5, last: int = 5) -> pd.DataFrame:
@@ -65,7 +69,7 @@ def branch_markdown(summary: pd.DataFrame) -> str:
         return f"{a:{fmt}} → {b:{fmt}}"
 
     lines = [
-        "| start | method | all-wrong / all-correct groups at start | length | length, all-wrong "
+        "| start | method | all-wrong / all-correct groups, first 5 steps | length | length, all-wrong "
         "groups | p(stop) | p(stop), all-wrong groups | p(stop), all-correct groups |",
         "|---|---|---|---|---|---|---|---|",
     ]

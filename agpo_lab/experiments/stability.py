@@ -103,11 +103,11 @@ def stability_runs(arms: dict[float, Path]) -> pd.DataFrame:
     return pd.concat([arm_runs(root).assign(lr=lr) for lr, root in arms.items()], ignore_index=True)
 
 
-def stability_table(runs: pd.DataFrame) -> pd.DataFrame:
+def stability_table(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
     """Per (method, lr): collapse count, means (with 95% half-widths where it matters) of the
-    per-run statistics. Methods keep their order of first appearance, lrs ascend."""
+    per-run statistics. Methods in the order given (default: of first appearance), lrs ascend."""
     rows = []
-    methods = list(dict.fromkeys(runs["method"]))
+    methods = methods or list(dict.fromkeys(runs["method"]))
     for method in methods:
         for lr in sorted(runs["lr"].unique()):
             group = runs[(runs["method"] == method) & (runs["lr"] == lr)]
@@ -165,7 +165,7 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
     delta, volatility = grid("delta_pass@1"), grid("volatility")
     limit = max(0.05, float(np.nanmax(np.abs(delta))))
     image = panels[0].imshow(delta, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
-    fig.colorbar(image, ax=panels[0], label="Δ pass@1")
+    fig.colorbar(image, ax=panels[0])
     panels[0].set_title("final pass@1 - start (collapsed / runs)", fontsize=10)
     for i, method in enumerate(methods):
         for j, lr in enumerate(lrs):
@@ -174,7 +174,7 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
                 text = f"{r['delta_pass@1']:+.2f}\n{r['collapsed']}/{r['runs']}"
                 panels[0].text(j, i, text, ha="center", va="center", fontsize=8)
     image = panels[1].imshow(volatility, cmap="Purples", aspect="auto")
-    fig.colorbar(image, ax=panels[1], label="volatility")
+    fig.colorbar(image, ax=panels[1])
     panels[1].set_title("std of step-to-step change of training accuracy", fontsize=10)
     dark = np.nanmin(volatility) + 0.6 * (np.nanmax(volatility) - np.nanmin(volatility))
     for i in range(len(methods)):

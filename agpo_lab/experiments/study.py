@@ -111,7 +111,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
     write_file(root / "study.json", pd.Series(dataclasses.asdict(cfg)).to_json(indent=1).encode())
     if cfg.study == "stability":
         lrs = {lr: folders[f"lr_{lr:g}"] for lr in cfg.learning_rates}
-        write_stability(root, lrs)
+        write_stability(root, lrs, list(cfg.methods))
     else:
         write_regime(root, folders, list(cfg.methods))
     if cfg.docs and not cfg.quick:
@@ -119,15 +119,15 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
     return root
 
 
-def write_stability(root: Path, arms: dict[float, Path]) -> pd.DataFrame:
+def write_stability(root: Path, arms: dict[float, Path], methods: list[str]) -> pd.DataFrame:
     """runs.csv, summary.csv / summary.md, stability_map.png and curves.csv of a stability study."""
     runs = stability.stability_runs(arms)
-    table = stability.stability_table(runs)
+    table = stability.stability_table(runs, methods)
     write_file(root / "runs.csv", runs.to_csv(index=False).encode())
     write_file(root / "summary.csv", table.to_csv(index=False).encode())
     write_file(root / "summary.md", stability.stability_markdown(table).encode())
     stability.plot_stability_map(table).savefig(root / "stability_map.png", dpi=120)
-    curves = regime.regime_metrics({f"{lr:g}": p for lr, p in arms.items()}, list(runs["method"]))
+    curves = regime.regime_metrics({f"{lr:g}": p for lr, p in arms.items()}, methods)
     _write_curves(root, curves.rename(columns={"arm": "lr"}))
     return table
 
