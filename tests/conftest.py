@@ -3,6 +3,7 @@ config for trainer tests, the shared benchmark data, and the gpu marker."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -144,8 +145,13 @@ def make_config(model_dir, out_dir, *overrides) -> TrainConfig:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    """Metrics without the timing ones (perf/*), which legitimately differ between runs."""
-    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+    """Metrics without the timing ones (perf/*), which legitimately differ between runs; a missing
+    value (None, or NaN once read by pandas) becomes None so that two missing values compare equal."""
+
+    def value(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return [{k: value(v) for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
 @pytest.fixture(scope="session")

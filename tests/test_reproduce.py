@@ -18,7 +18,7 @@ from agpo_lab.experiments.stats import t_critical_95
 def test_plan_has_reference_and_every_method_seed_pair(tmp_path):
     cfg = ReproduceConfig(out_dir=str(tmp_path), seeds=(0, 1, 2))
     jobs = reproduce.plan_jobs(cfg)
-    assert len(jobs) == (1 + len(METHODS)) * 3
+    assert len(jobs) == (1 + len(cfg.methods)) * 3 and set(cfg.methods) <= set(METHODS)
     agpo = next(j for j in jobs if j.method == "agpo" and j.seed == 1)
     assert "algorithm.estimator=agpo" in agpo.overrides
     assert "algorithm.length_reward=agpo" in agpo.overrides
