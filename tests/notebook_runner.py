@@ -64,8 +64,25 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
 HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 240))
 """Per-cell limit in the tests: only a hung kernel reaches it (with small settings the slowest cell,
 notebook 05's LoRA steps on SmolLM2, takes well under a minute, also on a loaded machine); it turns
-a hang into a retry, then a failure, instead of a stuck test run. ipykernel 6 still hangs now and
-then (one hang in a fresh-clone `make test` on 2026-11-29), so a shorter guard costs less."""
+a hang into a retry, then a failure, instead of a stuck test run."""
+FIRST_REPLY_S = 30.0
+"""Limit for a fresh kernel's answer to a no-op probe cell. The ipykernel 6 hangs seen here (three
+in fresh-clone `make test` runs on 2026-11-29) all came right after a kernel started, with both
+sides idle (the kernel had used ~2 CPU seconds: it never ran the notebook's imports); a probe
+turns such a hang into a 30 s restart instead of a HANG_GUARD_S wait."""
+
+
+def _execute(client: NotebookClient, hang_guard_s: float | None) -> None:
+    """Run every cell of `client.nb` in a fresh kernel after a no-op probe has been answered."""
+    with client.setup_kernel():
+        client.timeout = FIRST_REPLY_S
+        probe = nbformat.v4.new_code_cell("None")
+        client.execute_cell(probe, 0, store_history=False)
+        client.timeout = hang_guard_s
+        client.code_cells_executed = 0
+        for index, cell in enumerate(client.nb.cells):
+            client.execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
+        client.set_widgets_metadata()
 
 
 def run_notebook(
@@ -74,8 +91,9 @@ def run_notebook(
     """Execute `path` with `overrides` injected; return the executed notebook and figure paths.
 
     A kernel that stops answering (ipykernel 7 can lose the wake-up for an execute reply, with
-    both sides idle: ipython/ipykernel#1554; constraints.txt pins 6.x for that reason) is
-    restarted and the notebook run once more, with a note on stderr; an error in a cell is never
+    both sides idle: ipython/ipykernel#1554; constraints.txt pins 6.x for that reason, and 6.x
+    still does it now and then right after start, see FIRST_REPLY_S) is restarted and the
+    notebook run again (at most three runs), with a note on stderr; an error in a cell is never
     retried.
     """
     # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
@@ -83,7 +101,7 @@ def run_notebook(
     saved = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
             client = NotebookClient(
                 notebook,
@@ -92,10 +110,10 @@ def run_notebook(
                 resources={"metadata": {"path": str(path.parent)}},
             )
             try:
-                client.execute()
+                _execute(client, hang_guard_s)
                 break
             except (CellTimeoutError, DeadKernelError) as err:
-                if attempt == 2:
+                if attempt == 3:
                     raise
                 print(f"{path.name}: the kernel stopped answering ({type(err).__name__}); "
                       "running the notebook once more", file=sys.stderr)  # fmt: skip

@@ -85,8 +85,12 @@ def test_bench_rollout_worker_smoke(impl, case):
 
 @pytest.mark.slow
 def test_bench_rollout_runs_end_to_end():
+    # one of our variants (the compiled step has its own test in test_rollout.py): the script's
+    # plumbing is the same for every variant, and each costs two fresh processes
     cmd = [sys.executable, str(BENCH_ROLLOUT), "--batch", "2", "--max-new-tokens", "4"]
-    done = subprocess.run([*cmd, "--repeats", "1"], capture_output=True, text=True, check=False)
+    cmd += ["--repeats", "1", "--impls", "ours"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("ratio agpo_lab/generate") == 2
-    assert done.stdout.count("ratio agpo_lab+compile/generate") == 2
+    assert "compile" not in done.stdout
+    assert done.stdout.count("machine limit: matmul") == 2

@@ -412,7 +412,7 @@ def test_out_dir_that_is_a_file_fails_before_the_model_loads(tiny_model_dir, tmp
 @pytest.mark.slow
 def test_reproduce_interrupted_marks_no_short_run_complete_and_a_rerun_finishes(tmp_path):
     args = ["reproduce", "--name", "small", "--no-docs", "--methods", "grpo", "--seeds", "0", "1",
-            "run.steps=8", "run.save_every=2", "run.prompts_per_step=2", "eval.n_problems=4",
+            "run.steps=4", "run.save_every=2", "run.prompts_per_step=2", "eval.n_problems=4",
             "eval.k=1"]  # fmt: skip
     root = tmp_path / "a" / "small"
     child = subprocess.Popen([str(AGPO_LAB), *args, "--out-dir", str(tmp_path / "a")],
