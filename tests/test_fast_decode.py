@@ -71,7 +71,7 @@ def test_fast_step_matches_transformers_forward(arch):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_model_uses_unfused_modules_and_matches():
+def _lora_model() -> torch.nn.Module:
     peft = pytest.importorskip("peft")
     model = _model("qwen2")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
@@ -79,7 +79,27 @@ def test_lora_model_uses_unfused_modules_and_matches():
     for layer in model.get_base_model().model.layers:  # make the adapters matter
         torch.nn.init.normal_(layer.self_attn.q_proj.lora_B["default"].weight, std=0.5)
         torch.nn.init.normal_(layer.mlp.up_proj.lora_B["default"].weight, std=0.5)
+    return model
+
+
+def test_lora_model_decodes_with_its_adapters_merged_and_matches():
+    model = _lora_model()
     assert fast_decode.supported(model)
+    fused = FastDecoder(model).fused
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    merged_q = q_proj.base_layer.weight + q_proj.get_delta_weight("default")
+    assert torch.equal(fused[0][0][: merged_q.shape[0]], merged_q)  # the adapter is in the product
+    for expected, got in _decode_both(model):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():  # the KL reference's view: base weights only
+        assert torch.equal(
+            FastDecoder(model).fused[0][0][: merged_q.shape[0]], q_proj.base_layer.weight
+        )
+
+
+def test_lora_model_above_the_merging_size_uses_its_modules_and_matches(monkeypatch):
+    model = _lora_model()
+    monkeypatch.setattr(fast_decode, "MERGE_MAX_BYTES", 1024)
     assert FastDecoder(model).fused == [None, None]
     for expected, got in _decode_both(model):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

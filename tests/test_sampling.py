@@ -60,3 +60,30 @@ def test_same_generator_seed_same_tokens():
     a, _ = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))
     b, _ = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_draw_categorical_worked_example_and_zero_probability_tokens():
+    from agpo_lab.rollout.sampling import draw_categorical
+
+    probs = torch.tensor([[0.2, 0.0, 0.8]]).repeat(4000, 1)
+    tokens = draw_categorical(probs, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 2}  # index 1 has probability 0: never drawn
+    assert abs((tokens == 0).float().mean().item() - 0.2) < 0.03
+    # unnormalised weights (the filtered softmax's leftovers) are read relative to the row sum
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    drawn = draw_categorical(weights.repeat(2000, 1), torch.Generator().manual_seed(1)).view(-1, 2)
+    assert set(drawn[:, 0].tolist()) == {1, 3} and set(drawn[:, 1].tolist()) == {0}
+    assert abs((drawn[:, 0] == 1).float().mean().item() - 0.75) < 0.03
+
+
+def test_draw_categorical_matches_the_distribution():
+    from agpo_lab.rollout.sampling import draw_categorical
+
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.randn(1, 50, generator=gen).mul(2).softmax(-1)
+    n = 200_000
+    tokens = draw_categorical(probs.expand(n, -1), gen)
+    frequency = torch.bincount(tokens, minlength=50).double() / n
+    # every frequency within 5 standard errors of its probability
+    stderr = (probs[0].double() * (1 - probs[0].double()) / n).sqrt()
+    assert ((frequency - probs[0]).abs() <= 5 * stderr + 1e-9).all()
