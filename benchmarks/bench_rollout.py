@@ -197,6 +197,14 @@ def measure(args: argparse.Namespace, impl: str, case: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def rollout_target(model: str | None, case: str) -> float:
+    """The speed issue's floor for ours / model.generate: a real (compute-bound) model 1.5x; the
+    small embedded or random model 3x when rows stop at EOS, 2x when every row runs to the end."""
+    if model not in (None, "embedded") and "data/embedded" not in str(model):
+        return 1.5
+    return 3.0 if case == "early" else 2.0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             cpu_ratio = results[impl]["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
             print(
                 f"{case:<8}ratio {IMPLS[impl]}/generate tokens/s: {ratio:.2f}x wall, "
-                f"{cpu_ratio:.2f}x CPU time (target >= 2x)"
+                f"{cpu_ratio:.2f}x CPU time (target >= {rollout_target(args.model, case)}x)"
             )
 
 

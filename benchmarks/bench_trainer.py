@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--micro-batch-tokens",
         type=int,
         default=None,
-        help="ours: optim.micro_batch_tokens (bounds the update's peak memory; default: one pass)",
+        help="ours: optim.micro_batch_tokens, the update's token budget per pass (bounds its peak "
+        "memory); default: what our recipes set, 2048 on the embedded or random model (configs/"
+        "reproduce.yaml), 512 on a real one (configs/smollm2); 0: the whole batch in one pass",
     )
     p.add_argument(
         "--model",
@@ -357,6 +359,12 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
     }
 
 
+def step_target(args: argparse.Namespace) -> float:
+    """The speed issue's ceiling for ours / TRL: 0.33 on the small embedded (or random) model
+    without a KL term, 0.5 with one and on a real model."""
+    return 0.33 if args.model in ("embedded", "random") and args.beta == 0 else 0.5
+
+
 def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dict) -> None:
     rows = [
         ("median step seconds (wall)", "median_step_s", "{:.3f}"),
@@ -400,9 +408,11 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
             f"{100 * bound / side['median_step_s']:.0f}% of the limit"
         )
     step_ratio = ours["median_step_s"] / trl["median_step_s"]
-    print(f"ratio step time ours/TRL: {step_ratio:.3f} (target <= 0.5)")
+    print(f"ratio step time ours/TRL: {step_ratio:.3f} (target <= {step_target(args)})")
     print(f"ratio s/token ours/TRL: {ours['ms_per_token'] / trl['ms_per_token']:.3f}")
-    print(f"ratio peak memory ours/TRL: {ours['max_rss_mb'] / trl['max_rss_mb']:.3f}")
+    print(
+        f"ratio peak memory ours/TRL: {ours['max_rss_mb'] / trl['max_rss_mb']:.3f} (target <= 1.0)"
+    )
 
 
 def flop_bound_step_seconds(args: argparse.Namespace, side: dict, gflops: float) -> float:
@@ -437,6 +447,8 @@ def run_worker(side: str, result_file: Path, common: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.micro_batch_tokens is None and not args.side:
+        args.micro_batch_tokens = 2048 if args.model in ("embedded", "random") else 512
     if args.side:
         worker(args)
         return
