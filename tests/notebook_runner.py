@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import sys
 from pathlib import Path
+from queue import Empty
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from nbclient.util import ensure_async
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbformat.NotebookNode:
@@ -61,28 +64,46 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
     return written
 
 
-HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 240))
-"""Per-cell limit in the tests: only a hung kernel reaches it (with small settings the slowest cell,
-notebook 05's LoRA steps on SmolLM2, takes well under a minute, also on a loaded machine); it turns
-a hang into a retry, then a failure, instead of a stuck test run."""
-FIRST_REPLY_S = 30.0
-"""Limit for a fresh kernel's answer to a no-op probe cell. The ipykernel 6 hangs seen here (three
-in fresh-clone `make test` runs on 2026-11-29) all came right after a kernel started, with both
-sides idle (the kernel had used ~2 CPU seconds: it never ran the notebook's imports); a probe
-turns such a hang into a 30 s restart instead of a HANG_GUARD_S wait."""
+HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 120))
+"""Per-cell limit in the tests: only a hung kernel reaches it (with small settings the slowest
+notebook, 05 with its LoRA steps on SmolLM2, takes well under a minute in all, also on a loaded
+machine); it turns a hang that the kick below does not cure into a retry, then a failure,
+instead of a stuck test run."""
+KICK_S = 20.0
+"""While a reply is awaited, a kernel_info request goes to the kernel every KICK_S seconds."""
 
 
-def _execute(client: NotebookClient, hang_guard_s: float | None) -> None:
-    """Run every cell of `client.nb` in a fresh kernel after a no-op probe has been answered."""
-    with client.setup_kernel():
-        client.timeout = FIRST_REPLY_S
-        probe = nbformat.v4.new_code_cell("None")
-        client.execute_cell(probe, 0, store_history=False)
-        client.timeout = hang_guard_s
-        client.code_cells_executed = 0
-        for index, cell in enumerate(client.nb.cells):
-            client.execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
-        client.set_widgets_metadata()
+class KickingNotebookClient(NotebookClient):
+    """nbclient's client, plus a periodic kernel_info request while a reply is awaited.
+
+    The hangs seen here (ipykernel 6.31, pyzmq 27.3; four in fresh-clone `make test` runs on
+    2026-11-29, on different notebooks and cells) leave both processes idle in epoll with empty
+    socket queues: the kernel never handles a request that has arrived. That is the lost wake-up
+    of an edge-triggered ZMQ socket descriptor (ipython/ipykernel#1529 traces it for ipykernel 7);
+    a new message on the same socket raises a new edge, and the kernel then handles both, in
+    order. Its reply to the kernel_info request has another parent id and is skipped. A kernel
+    that is merely busy queues the request and answers it after the cell: harmless.
+    """
+
+    async def async_wait_for_reply(self, msg_id: str, cell=None) -> dict | None:
+        timeout, waited, last_kick = self._get_timeout(cell), 0.0, 0.0
+        while True:
+            try:
+                msg = await ensure_async(
+                    self.kc.shell_channel.get_msg(timeout=self.shell_timeout_interval)
+                )
+            except Empty:
+                await self._async_check_alive()
+                waited += self.shell_timeout_interval
+                if timeout and waited > timeout:
+                    await self._async_handle_timeout(timeout, cell)
+                    return None
+                if waited - last_kick >= KICK_S:
+                    self.kc.kernel_info()
+                    last_kick = waited
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
 
 
 def run_notebook(
@@ -90,34 +111,36 @@ def run_notebook(
 ) -> tuple[nbformat.NotebookNode, list[Path]]:
     """Execute `path` with `overrides` injected; return the executed notebook and figure paths.
 
-    A kernel that stops answering (ipykernel 7 can lose the wake-up for an execute reply, with
-    both sides idle: ipython/ipykernel#1554; constraints.txt pins 6.x for that reason, and 6.x
-    still does it now and then right after start, see FIRST_REPLY_S) is restarted and the
-    notebook run again (at most three runs), with a note on stderr; an error in a cell is never
-    retried.
+    A kernel that loses a request is woken up (`KickingNotebookClient`); one that still does not
+    answer within `hang_guard_s` is restarted and the notebook run once more, with a note on
+    stderr; an error in a cell is never retried.
     """
     # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
     # draws nothing. The inline backend is what JupyterLab uses and what puts PNGs in outputs.
     saved = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # After a real kernel hang and its clean-up, SIGINT in this process was once found ignored
+    # (SIG_IGN; seen in a fresh-clone `make test`, origin not found): put back what was there.
+    saved_sigint = signal.getsignal(signal.SIGINT)
     try:
-        for attempt in (1, 2, 3):
+        for attempt in (1, 2):
             notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
-            client = NotebookClient(
+            client = KickingNotebookClient(
                 notebook,
                 timeout=hang_guard_s,
                 kernel_name="python3",
                 resources={"metadata": {"path": str(path.parent)}},
             )
             try:
-                _execute(client, hang_guard_s)
+                client.execute()
                 break
             except (CellTimeoutError, DeadKernelError) as err:
-                if attempt == 3:
+                if attempt == 2:
                     raise
                 print(f"{path.name}: the kernel stopped answering ({type(err).__name__}); "
                       "running the notebook once more", file=sys.stderr)  # fmt: skip
     finally:
+        signal.signal(signal.SIGINT, saved_sigint)
         if saved is None:
             os.environ.pop("MPLBACKEND", None)
         else:
