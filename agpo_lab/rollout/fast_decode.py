@@ -165,10 +165,7 @@ class FastDecoder:
                 )
             qk, v = qk.reshape(b, -1, d), v.view(b, -1, d)
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-                qk = torch.cat(
-                    [a.q_norm(qk[:, :q_heads]), a.k_norm(qk[:, q_heads:])],
-                    dim=1,
-                )
+                qk = torch.cat([a.q_norm(qk[:, :q_heads]), a.k_norm(qk[:, q_heads:])], dim=1)
             q, k = _rotate(qk, cos, sin).split([q_heads, self.kv_heads], dim=1)
             keys, values = kv_cache.update(k[:, :, None], v[:, :, None])
             attended = F.scaled_dot_product_attention(

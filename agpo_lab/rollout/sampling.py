@@ -45,9 +45,9 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
     Inverse transform sampling: with cdf = cumsum(probs) (float64) and one uniform u per row,
     token = the first index i with cdf_i > u * cdf_V. A token of probability 0 (removed by top-k /
     top-p) has cdf_i == cdf_(i-1) and is never drawn. One uniform per row instead of
-    `torch.multinomial`'s one exponential per vocabulary entry: on CPU with a 49k vocabulary that
-    was an eighth of a decode step (benchmarks/README.md). Same distribution, different random
-    stream: a seed draws other tokens than `torch.multinomial` did.
+    `torch.multinomial`'s one exponential per vocabulary entry, which on CPU is a large share of
+    a real model's decode step (benchmarks/README.md has the profile). Same distribution,
+    different random stream: a seed draws other tokens than `torch.multinomial` did.
 
     Example: probs [[0.2, 0.0, 0.8]] -> cdf [0.2, 0.2, 1.0]; u = 0.1 draws 0, u = 0.5 draws 2,
     and index 1 never comes out.
