@@ -94,3 +94,23 @@ def test_bench_rollout_runs_end_to_end():
     assert done.stdout.count("ratio agpo_lab/generate") == 2
     assert "compile" not in done.stdout
     assert done.stdout.count("machine limit: matmul") == 2
+
+
+@pytest.mark.slow
+def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
+    script = REPO_ROOT / "benchmarks" / "profile_step.py"
+    rollout = [sys.executable, str(script), "rollout", "--model", "random", "--batch", "2",
+               "--max-new-tokens", "4", "--case", "early", "--rows", "3"]  # fmt: skip
+    for cmd in (rollout, [sys.executable, str(script), "step", "--rows", "3"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        parts = (
+            ["forward", "sampling", "cache row selection"]
+            if "rollout" in cmd
+            else ["rollout", "update"]
+        )
+        for part in parts:
+            assert re.search(rf"^  {part}\s+\d+\.\d+ m?s\s+\d+\.\d%", done.stdout, re.MULTILINE), (
+                done.stdout
+            )
+        assert "Self CPU time total" in done.stdout

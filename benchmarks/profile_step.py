@@ -1,0 +1,171 @@
+"""Where the time goes: a profile of our rollout or of one RL step, the figures behind the "Where
+the time goes" section of benchmarks/README.md.
+
+    python benchmarks/profile_step.py rollout [--model embedded] [--case forced|early] [--compile]
+    python benchmarks/profile_step.py step [--beta 0.04] [--micro-batch-tokens 2048]
+
+`rollout` times `agpo_lab.rollout.generate` on the benchmark batch of bench_rollout.py (the same
+prompts, the same EOS handling per case), splits a rollout's wall time into the one-token forward,
+the sampling and the KV-cache row selection, and prints torch.profiler's operator table. `step`
+does the same for one RL step of the trainer (bench_trainer.py's set-up on the embedded model):
+rollout and update seconds, then the operator table of one step. A profile, not a benchmark:
+nothing is compared, and the profiler itself adds overhead to every operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def timed(totals: dict[str, float], name: str, function: Callable) -> Callable:
+    """`function`, adding its wall time to totals[name] on every call."""
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+
+    return wrapper
+
+
+def operator_table(run: Callable[[], object], rows: int) -> str:
+    """torch.profiler's table of the operators `run` calls, by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def profile_rollout(args: argparse.Namespace) -> None:
+    from bench_rollout import benchmark_prompts, build_model, early_stop_bias, set_eos_bias
+
+    import agpo_lab.rollout.decode as decode
+    from agpo_lab.config import RolloutConfig
+    from agpo_lab.rollout.kv_cache import PreallocatedLayer
+
+    model, tokenizer = build_model(args.model, "cpu")
+    eos = tokenizer.eos_token_id
+    if args.case == "forced":
+        set_eos_bias(model, eos, -1e9)
+    elif args.model in (None, "random"):  # a random model needs help to stop, as in bench_rollout
+        set_eos_bias(model, eos, early_stop_bias(len(tokenizer), args.max_new_tokens / 3))
+    prompts = benchmark_prompts(tokenizer, args.batch)
+    cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, compile_decode=args.compile)
+    totals = {"forward": 0.0, "sampling": 0.0, "cache row selection": 0.0}
+    if args.compile:  # time the compiled function from outside: a timer inside would be traced
+        compiled = decode._compiled
+        decode._compiled = lambda forward: timed(totals, "forward", compiled(forward))
+    else:
+        decode._fast_forward = timed(totals, "forward", decode._fast_forward)
+        decode._forward = timed(totals, "forward", decode._forward)
+    decode.sample_next_token = timed(totals, "sampling", decode.sample_next_token)
+    PreallocatedLayer.batch_select_indices = timed(
+        totals, "cache row selection", PreallocatedLayer.batch_select_indices
+    )
+
+    def rollout(seed: int):
+        return decode.generate(
+            model, tokenizer, prompts, cfg, generator=torch.Generator().manual_seed(seed)
+        )
+
+    rollout(0)  # warm-up (and the compile)
+    for key in totals:
+        totals[key] = 0.0
+    start = time.perf_counter()
+    out = rollout(1)
+    wall = time.perf_counter() - start
+    tokens = int(out.lengths.sum())
+    print(
+        f"rollout: {args.model or 'random'}, batch {args.batch}, {args.max_new_tokens} new tokens, "
+        f"{args.case}, compile_decode={args.compile}, {torch.get_num_threads()} threads"
+    )
+    print(f"wall {wall * 1000:.0f} ms for {tokens} tokens ({tokens / wall:.0f} tokens/s)")
+    for name, seconds in totals.items():  # under compile the forward includes the compiled call
+        print(f"  {name:<20} {seconds * 1000:8.1f} ms  {100 * seconds / wall:5.1f}%")
+    rest = wall - sum(totals.values())
+    print(f"  {'prefill and the rest':<20} {rest * 1000:8.1f} ms  {100 * rest / wall:5.1f}%")
+    print(operator_table(lambda: rollout(2), args.rows))
+
+
+def profile_train_step(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from agpo_lab.config import TrainConfig
+    from agpo_lab.models.loading import load_tokenizer, resolve_model_path
+    from agpo_lab.training.trainer import Trainer
+
+    folder = resolve_model_path(args.model or "embedded")
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    config = TrainConfig.from_dict(
+        {
+            "task": {"name": "arithmetic", "seed": 0},
+            "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0},
+            "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
+                          "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
+            "optim": {"lr": 1e-5, "warmup_steps": 0,
+                      "micro_batch_tokens": args.micro_batch_tokens or None},
+            "run": {"steps": 100, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
+                    "save_every": 0, "log_samples_every": 0, "device": "cpu",
+                    "out_dir": tempfile.mkdtemp(prefix="profile_step_")},
+        }
+    )  # fmt: skip
+    trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    for _ in range(2):  # warm-up
+        trainer.train_step()
+    totals = {"rollout": 0.0, "update": 0.0}
+    trainer._rollout = timed(totals, "rollout", trainer._rollout)
+    trainer._update = timed(totals, "update", trainer._update)
+    steps, start = 4, time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    wall = (time.perf_counter() - start) / steps
+    print(
+        f"RL step: {args.model or 'embedded'}, 8 prompts x G=8, 64 new tokens, beta {args.beta}, "
+        f"micro_batch_tokens {args.micro_batch_tokens or None}, {torch.get_num_threads()} threads"
+    )
+    print(f"mean step {wall:.3f} s over {steps} steps")
+    for name, seconds in totals.items():
+        print(f"  {name:<8} {seconds / steps:.3f} s  {100 * seconds / steps / wall:5.1f}%")
+    print(operator_table(trainer.train_step, args.rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["rollout", "step"])
+    parser.add_argument("--model", default="embedded",
+                        help="embedded, random (rollout only), a fetched model's name or a folder")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=64, help="rollout: rows")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="rollout: new tokens")
+    parser.add_argument("--case", choices=["forced", "early"], default="forced",
+                        help="rollout: every row to the limit, or rows stop at EOS")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="rollout: compile_decode")
+    parser.add_argument("--beta", type=float, default=0.04, help="step: KL weight")
+    parser.add_argument("--micro-batch-tokens", type=int, default=2048,
+                        help="step: optim.micro_batch_tokens (0: one pass)")  # fmt: skip
+    parser.add_argument("--rows", type=int, default=15, help="operators shown")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.model == "random":
+        args.model = None
+    (profile_rollout if args.what == "rollout" else profile_train_step)(args)
+
+
+if __name__ == "__main__":
+    main()
