@@ -12,12 +12,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from queue import Empty
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
-from nbclient.util import ensure_async
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, overrides: dict) -> nbformat.NotebookNode:
@@ -64,46 +62,13 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
     return written
 
 
-HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 120))
-"""Per-cell limit in the tests: only a hung kernel reaches it (with small settings the slowest
-notebook, 05 with its LoRA steps on SmolLM2, takes well under a minute in all, also on a loaded
-machine); it turns a hang that the kick below does not cure into a retry, then a failure,
-instead of a stuck test run."""
-KICK_S = 20.0
-"""While a reply is awaited, a kernel_info request goes to the kernel every KICK_S seconds."""
-
-
-class KickingNotebookClient(NotebookClient):
-    """nbclient's client, plus a periodic kernel_info request while a reply is awaited.
-
-    The hangs seen here (ipykernel 6.31, pyzmq 27.3; four in fresh-clone `make test` runs on
-    2026-11-29, on different notebooks and cells) leave both processes idle in epoll with empty
-    socket queues: the kernel never handles a request that has arrived. That is the lost wake-up
-    of an edge-triggered ZMQ socket descriptor (ipython/ipykernel#1529 traces it for ipykernel 7);
-    a new message on the same socket raises a new edge, and the kernel then handles both, in
-    order. Its reply to the kernel_info request has another parent id and is skipped. A kernel
-    that is merely busy queues the request and answers it after the cell: harmless.
-    """
-
-    async def async_wait_for_reply(self, msg_id: str, cell=None) -> dict | None:
-        timeout, waited, last_kick = self._get_timeout(cell), 0.0, 0.0
-        while True:
-            try:
-                msg = await ensure_async(
-                    self.kc.shell_channel.get_msg(timeout=self.shell_timeout_interval)
-                )
-            except Empty:
-                await self._async_check_alive()
-                waited += self.shell_timeout_interval
-                if timeout and waited > timeout:
-                    await self._async_handle_timeout(timeout, cell)
-                    return None
-                if waited - last_kick >= KICK_S:
-                    self.kc.kernel_info()
-                    last_kick = waited
-                continue
-            if msg["parent_header"].get("msg_id") == msg_id:
-                return msg
+HANG_GUARD_S = float(os.environ.get("AGPO_LAB_NOTEBOOK_HANG_GUARD_S", 45))
+"""Per-cell limit in the tests: only a hung kernel reaches it. With small settings the slowest
+cell (notebook 05's LoRA steps on SmolLM2) takes about 11 s here; a hang then costs this much and
+one rerun of the notebook instead of a stuck test run. ipykernel 6.31 with pyzmq 27.3 still hangs
+now and then (five times in fresh-clone `make test` runs on 2026-11-29, four of them on the first
+notebook): both processes idle in epoll with empty socket queues. Neither a no-op probe cell
+after start nor a kernel_info request after 20 s of silence (tried) woke such a kernel."""
 
 
 def run_notebook(
@@ -111,9 +76,8 @@ def run_notebook(
 ) -> tuple[nbformat.NotebookNode, list[Path]]:
     """Execute `path` with `overrides` injected; return the executed notebook and figure paths.
 
-    A kernel that loses a request is woken up (`KickingNotebookClient`); one that still does not
-    answer within `hang_guard_s` is restarted and the notebook run once more, with a note on
-    stderr; an error in a cell is never retried.
+    A kernel that does not answer within `hang_guard_s` (see HANG_GUARD_S) is restarted and the
+    notebook run once more, with a note on stderr; an error in a cell is never retried.
     """
     # The kernel inherits our environment; the tests set MPLBACKEND=Agg, under which plt.show()
     # draws nothing. The inline backend is what JupyterLab uses and what puts PNGs in outputs.
@@ -125,7 +89,7 @@ def run_notebook(
     try:
         for attempt in (1, 2):
             notebook = inject_parameters(nbformat.read(path, as_version=4), overrides)
-            client = KickingNotebookClient(
+            client = NotebookClient(
                 notebook,
                 timeout=hang_guard_s,
                 kernel_name="python3",

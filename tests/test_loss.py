@@ -255,7 +255,10 @@ def test_property_extra_padding_columns_change_nothing(batch, aggregation, pad):
     kw = {"aggregation": aggregation, "max_len": 16, "beta": 0.1}
     a, _ = policy_loss(lp, old, adv, mask, ref, **kw)
     b, _ = policy_loss(*padded[:2], adv, mask_p, padded[2], **kw)
-    assert a.item() == pytest.approx(b.item(), rel=1e-6, abs=1e-6)
+    # float32 sums over another width round differently: within a few ulps of the largest term
+    # (advantages reach +/-200 here; a fresh Hypothesis database once found a 4e-6 difference)
+    scale = 1.0 + adv.abs().max().item()
+    assert a.item() == pytest.approx(b.item(), rel=1e-6, abs=1e-6 * scale)
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,7 +7,6 @@ New notebooks are picked up automatically: they only need a cell tagged `paramet
 from __future__ import annotations
 
 import json
-from queue import Empty
 
 import nbformat
 import pytest
@@ -88,47 +87,3 @@ def test_runner_requires_a_parameters_cell():
     notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
     with pytest.raises(ValueError, match="parameters"):
         inject_parameters(notebook, SMALL_SETTINGS)
-
-
-class _LostRequestKernel:
-    """A kernel client whose kernel lost the request: nothing arrives until another request
-    (kernel_info) comes in, if `wakes`."""
-
-    def __init__(self, wakes: bool):
-        self.wakes, self.kicks, self.woken = wakes, 0, False
-        self.shell_channel = self
-
-    async def get_msg(self, timeout):
-        if not self.woken:
-            raise Empty
-        return {"parent_header": {"msg_id": "run"}}
-
-    def kernel_info(self):
-        self.kicks += 1
-        self.woken = self.wakes
-        return "info"
-
-    def is_alive(self):
-        return True
-
-
-@pytest.mark.parametrize("wakes", [True, False])
-def test_a_kernel_that_lost_a_request_is_woken_then_given_up_on(wakes):
-    import asyncio
-
-    from nbclient.exceptions import CellTimeoutError
-
-    from tests.notebook_runner import KICK_S, KickingNotebookClient
-
-    client = KickingNotebookClient(nbformat.v4.new_notebook(), timeout=60)
-    client.kc = _LostRequestKernel(wakes)
-    cell = nbformat.v4.new_code_cell("1")
-    if wakes:  # one kernel_info request after KICK_S of silence, then the lost reply comes
-        assert asyncio.run(client.async_wait_for_reply("run", cell)) == {
-            "parent_header": {"msg_id": "run"}
-        }
-        assert client.kc.kicks == 1
-    else:  # never answers: a kick every KICK_S, then the cell's time limit as before
-        with pytest.raises(CellTimeoutError):
-            asyncio.run(client.async_wait_for_reply("run", cell))
-        assert client.kc.kicks == int(60 // KICK_S)
