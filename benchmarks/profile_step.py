@@ -55,7 +55,7 @@ def profile_rollout(args: argparse.Namespace) -> None:
 
     import agpo_lab.rollout.decode as decode
     from agpo_lab.config import RolloutConfig
-    from agpo_lab.rollout.kv_cache import PreallocatedLayer
+    from agpo_lab.rollout.kv_cache import DecodeCache, PreallocatedLayer
 
     model, tokenizer = build_model(args.model, "cpu")
     eos = tokenizer.eos_token_id
@@ -66,16 +66,18 @@ def profile_rollout(args: argparse.Namespace) -> None:
     prompts = benchmark_prompts(tokenizer, args.batch)
     cfg = RolloutConfig(max_new_tokens=args.max_new_tokens, compile_decode=args.compile)
     totals = {"forward": 0.0, "sampling": 0.0, "cache row selection": 0.0}
-    if args.compile:  # time the compiled function from outside: a timer inside would be traced
-        compiled = decode._compiled
-        decode._compiled = lambda forward: timed(totals, "forward", compiled(forward))
-    else:
-        decode._fast_forward = timed(totals, "forward", decode._fast_forward)
+    # FastDecoder compiles inside _fast_forward, so timing it from outside is right either way;
+    # the transformers forward is compiled around _forward, so time the compiled function instead.
+    compiled = decode.compiled
+    decode.compiled = lambda forward: timed(totals, "forward", compiled(forward))
+    decode._fast_forward = timed(totals, "forward", decode._fast_forward)
+    if not args.compile:
         decode._forward = timed(totals, "forward", decode._forward)
     decode.sample_next_token = timed(totals, "sampling", decode.sample_next_token)
-    PreallocatedLayer.batch_select_indices = timed(
-        totals, "cache row selection", PreallocatedLayer.batch_select_indices
-    )
+    for cache in (DecodeCache, PreallocatedLayer):
+        cache.batch_select_indices = timed(
+            totals, "cache row selection", cache.batch_select_indices
+        )
 
     def rollout(seed: int):
         return decode.generate(

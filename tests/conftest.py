@@ -34,14 +34,15 @@ def decode_both_ways(
     """
     from agpo_lab.rollout.fast_decode import FastDecoder
     from agpo_lab.rollout.inputs import positions_from_mask
-    from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+    from agpo_lab.rollout.kv_cache import DecodeCache, cache_kwarg, preallocate
 
     position = positions_from_mask(mask)
     caches = []
     for _ in range(2):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        preallocate(out.past_key_values, steps)
         caches.append(out.past_key_values)
+    preallocate(caches[0], steps)
+    caches[1] = DecodeCache(caches[1], steps)
     decoder, tokens = FastDecoder(model), out.logits[:, -1].argmax(-1)
     position, pairs = position[:, -1], []
     for step in range(steps):

@@ -45,7 +45,12 @@ ARCHS = {
 
 def _model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return ARCHS[arch]().eval()
+    model = ARCHS[arch]().eval()
+    with torch.no_grad():  # norm weights other than 1, so that folding them in is checked
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3)
+    return model
 
 
 def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +91,17 @@ def test_lora_model_decodes_with_its_adapters_merged_and_matches():
     model = _lora_model()
     assert fast_decode.supported(model)
     fused = FastDecoder(model).fused
-    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0]
+    q_proj, norm = layer.self_attn.q_proj, layer.input_layernorm
     merged_q = q_proj.base_layer.weight + q_proj.get_delta_weight("default")
-    assert torch.equal(fused[0][0][: merged_q.shape[0]], merged_q)  # the adapter is in the product
+    folded = norm.weight * norm.weight.shape[0] ** 0.5  # the input norm's weight, times sqrt(D)
+    assert torch.equal(fused[0].qkv_weight[: merged_q.shape[0]], merged_q * folded)
     for expected, got in _decode_both(model):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():  # the KL reference's view: base weights only
         assert torch.equal(
-            FastDecoder(model).fused[0][0][: merged_q.shape[0]], q_proj.base_layer.weight
+            FastDecoder(model).fused[0].qkv_weight[: merged_q.shape[0]],
+            q_proj.base_layer.weight * folded,
         )
 
 
@@ -136,3 +144,12 @@ def test_models_above_the_fusing_size_use_their_modules_and_match(monkeypatch):
     assert FastDecoder(model).fused == [None, None]
     for expected, got in _decode_both(model):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_rmsnorm_equals_the_models_rmsnorm():
+    norm = _model("qwen2").model.layers[0].input_layernorm  # weights drawn around 1 by _model
+    weight, sum_eps = fast_decode._norm_parts(norm)
+    x = torch.randn(5, SIZES["hidden_size"])
+    torch.testing.assert_close(fast_decode._unit_scale(x, sum_eps) * weight, norm(x))
+    unit = fast_decode._unit_scale(torch.tensor([[3.0, 4.0]]), 0.0)  # the docstring's example
+    torch.testing.assert_close(unit, torch.tensor([[0.6, 0.8]]))

@@ -8,7 +8,7 @@ import torch
 from agpo_lab.config import RolloutConfig
 from agpo_lab.models.tiny import build_tiny_causal_lm
 from agpo_lab.models.tokenizer import build_char_tokenizer
-from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.rollout import completion_logprobs, decode, generate
 from agpo_lab.rollout.inputs import positions_from_mask
 
 PROMPTS = ["1+2=", "what is 13*7?", "a", "(3+4)*5=", "9", "12-5="]
@@ -202,22 +202,54 @@ def test_compiled_decode_matches_eager_and_completion_logprobs(tok):
     assert torch.equal(greedy.completion_ids, run(False, temperature=0.0).completion_ids)
 
 
-def test_finished_rows_leave_the_batch(tok):
-    model = tiny_model(tok, eos_bias=2.5)
+def _decode_batch_sizes(model, tok, prompts=PROMPTS, **cfg) -> tuple[list[int], torch.Tensor]:
+    """(the batch size of every forward: the prefill, then each decode step; the rollout's lengths)."""
     batch_sizes = []
     # the embedding sees every forward's batch: the prefill and each decode step (either path)
     hook = model.get_input_embeddings().register_forward_pre_hook(
         lambda mod, args: batch_sizes.append(args[0].shape[0])
     )
     try:
-        r = generate(model, tok, PROMPTS, RolloutConfig(max_new_tokens=16), generator=None)
+        r = generate(model, tok, prompts, RolloutConfig(max_new_tokens=16, **cfg), generator=None)
     finally:
         hook.remove()
+    return batch_sizes, r.lengths
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_finished_rows_leave_the_batch(tok, monkeypatch, fast_decode):
+    model = tiny_model(tok, eos_bias=2.5)
+    monkeypatch.setattr(decode, "COMPACT_FRACTION", 0.0)  # leave as soon as they finish
+    batch_sizes, lengths = _decode_batch_sizes(model, tok, fast_decode=fast_decode)
     assert batch_sizes[0] == len(PROMPTS)
     assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < len(PROMPTS)
     # Each forward after the prefill decodes exactly the rows still running at that step.
-    running = [(r.lengths > step).sum().item() for step in range(1, int(r.lengths.max()))]
+    running = [(lengths > step).sum().item() for step in range(1, int(lengths.max()))]
     assert batch_sizes[1:] == running
+
+
+def test_finished_rows_stay_until_they_are_a_quarter_of_the_batch(tok):
+    model = tiny_model(tok, eos_bias=1.0)
+    batch_sizes, lengths = _decode_batch_sizes(model, tok, PROMPTS * 4)  # rows finish one by one
+    running = [(lengths > step).sum().item() for step in range(1, int(lengths.max()))]
+    assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 4 * len(PROMPTS)
+    assert any(size > run for size, run in zip(batch_sizes[1:], running)), "none stayed"
+    for size, run in zip(batch_sizes[1:], running):
+        assert run <= size and size - run <= decode.COMPACT_FRACTION * size
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_when_finished_rows_leave_does_not_change_the_rollout(tok, monkeypatch, fraction):
+    """Finished rows decode padding until they leave; the live rows draw the same uniforms."""
+    model = tiny_model(tok, eos_bias=2.5)
+    cfg = RolloutConfig(max_new_tokens=16)
+    default = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(decode, "COMPACT_FRACTION", fraction)  # 1.0: never
+    other = generate(model, tok, PROMPTS, cfg, generator=torch.Generator().manual_seed(2))
+    assert len(set(default.lengths.tolist())) > 1, "need rows that finish early"
+    assert torch.equal(other.completion_ids, default.completion_ids)
+    torch.testing.assert_close(other.logprobs, default.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(other.entropy, default.entropy, atol=1e-5, rtol=0)
 
 
 def test_lora_model_rollout_and_train_mode_restored(tok):

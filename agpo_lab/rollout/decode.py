@@ -2,9 +2,10 @@
 
 `generate` calls the model's forward directly: prefill the left-padded prompts once, then one token
 per step from the KV cache. Rows that have emitted EOS leave the active batch (their cache rows are
-selected out), so the late tokens of long completions cost only the unfinished rows; the cache's
-layers are preallocated (`kv_cache`) so a step writes its keys in place. For Llama-family models the
-one-token step is `fast_decode`'s lean decoder (same logits, fewer operations); with
+selected out once they are more than a quarter of it), so the late tokens of long completions cost
+only the unfinished rows; the cache is preallocated (`kv_cache`) so a step writes its keys in
+place. For Llama-family models the one-token step is `fast_decode`'s lean decoder over its own
+cache (the same logits up to float rounding, far fewer operations); with
 `RolloutConfig.compile_decode` it runs through `torch.compile`. Token drawing and the log-prob
 convention (log softmax(logits / T) of the full distribution; temperature 0 is greedy with T = 1
 log-probs) are in `sampling`; `logprobs.completion_logprobs` recomputes the same log-probs in one
@@ -13,16 +14,15 @@ forward pass for the loss.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from agpo_lab.config import RolloutConfig
-from agpo_lab.rollout.fast_decode import FastDecoder
+from agpo_lab.rollout.fast_decode import FastDecoder, compiled
 from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
 from agpo_lab.rollout.inputs import eval_mode, left_pad, positions_from_mask, stop_token_ids
-from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+from agpo_lab.rollout.kv_cache import DecodeCache, cache_kwarg, preallocate
 from agpo_lab.rollout.sampling import sample_next_token
 
 
@@ -64,16 +64,15 @@ def _forward(runner: tuple, cache, tokens, positions, mask) -> torch.Tensor:
 
 
 def _fast_forward(decoder: FastDecoder, cache, tokens, positions, mask) -> torch.Tensor:
-    """The same logits through `FastDecoder` (Llama-family models)."""
+    """The same logits through `FastDecoder` (Llama-family models; compiled inside when asked)."""
     return decoder.step(cache, tokens, positions, mask)
 
 
-@functools.cache
-def _compiled(forward):
-    """A decode forward compiled once per process; dynamic shapes let one graph serve every batch
-    size and cache length (a batch of one row would be specialised and recompiled, so it runs
-    eagerly)."""
-    return torch.compile(forward, dynamic=True)
+COMPACT_FRACTION = 0.25
+"""Finished rows leave the decoding batch (and the KV cache) once they are more than this fraction
+of it; until then they decode padding. Selecting cache rows out copies the whole filled cache, while
+one more row costs a decode step little on an overhead- or weight-bound model, so compacting at
+every finish cost more than it saved. 0: compact whenever a row finishes."""
 
 
 @torch.inference_mode()
@@ -93,7 +92,9 @@ def _decode(
     out_logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
     out_entropy = torch.zeros(batch, steps, dtype=torch.float32, device=device)
     lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
-    active = torch.arange(batch, device=device)  # original row index of each row still decoding
+    rows = torch.arange(batch, device=device)  # original index of each row of the decoding batch
+    live = None  # the batch rows still sampling (indices into `rows`); None: all of them
+    active = rows  # original index of each live row
     # The attention mask of every step is a prefix of this one (generated tokens are never padding).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, steps)], dim=1)
     position = positions_from_mask(prompt_mask)
@@ -105,15 +106,20 @@ def _decode(
         logits_to_keep=1,
     )
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    preallocate(cache, steps)
     position, logits = position[:, -1], out.logits[:, -1]
     fast = cfg.fast_decode and fast_decode_supported(model)
-    runner = FastDecoder(model) if fast else (model, cache_kwarg(model))
-    forward = _fast_forward if fast else _forward
+    if fast:  # FastDecoder compiles its own step when asked
+        cache = DecodeCache(cache, steps)
+        runner, forward = FastDecoder(model, compile=cfg.compile_decode), _fast_forward
+    else:
+        preallocate(cache, steps)
+        runner, forward = (model, cache_kwarg(model)), _forward
+    compile_forward = cfg.compile_decode and not fast
     for step in range(steps):
         tokens, logprobs, entropy = sample_next_token(
-            logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, True
-        )
+            logits if live is None else logits[live],
+            cfg.temperature, cfg.top_k, cfg.top_p, generator, True,
+        )  # fmt: skip
         out_ids[active, step] = tokens
         out_logprobs[active, step] = logprobs
         out_entropy[active, step] = entropy
@@ -122,19 +128,22 @@ def _decode(
         finished = torch.isin(tokens, stops)
         if finished.any():
             lengths[active[finished]] = step + 1
-            keep = (~finished).nonzero().squeeze(-1)
-            if keep.numel() == 0:
+            still = (~finished).nonzero().squeeze(-1)
+            if still.numel() == 0:
                 break
-            # Dropping finished rows from the cache is what makes late tokens cheap.
-            cache.batch_select_indices(keep)
-            active, tokens, position = active[keep], tokens[keep], position[keep]
-            full_mask = full_mask[keep]
+            live = still if live is None else live[still]
+            active, tokens = rows[live], tokens[still]
+            if len(rows) - len(live) > COMPACT_FRACTION * len(rows):
+                # Dropping finished rows from the cache is what makes late tokens cheap.
+                cache.batch_select_indices(live)
+                rows, position, full_mask = active, position[live], full_mask[live]
+                live = None
+        if live is not None:  # finished rows still in the batch decode a pad token, unused
+            tokens = tokens.new_full((len(rows),), pad_id).index_copy_(0, live, tokens)
         position = position + 1
         mask = full_mask[:, : prompt_ids.shape[1] + step + 1]
-        compiled = cfg.compile_decode and len(tokens) > 1
-        logits = (_compiled(forward) if compiled else forward)(
-            runner, cache, tokens, position, mask
-        )
+        run = compiled(forward) if compile_forward and len(tokens) > 1 else forward
+        logits = run(runner, cache, tokens, position, mask)
     return out_ids, out_logprobs, out_entropy, lengths
 
 

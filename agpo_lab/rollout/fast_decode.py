@@ -3,34 +3,49 @@
 The transformers forward is written for every case: per call it builds an attention mask, picks an
 attention backend, records outputs and goes through about ten module wrappers per layer. For one
 new token per row on a small model that bookkeeping costs as much as the arithmetic. `FastDecoder`
-runs the same decoder layers with the model's own modules and weights (so LoRA adapters apply)
-and nothing else:
+runs the same decoder layers with the model's own weights and nothing else:
 
     x = embed(token)
     per layer:  h = norm1(x);  q, k, v = proj(h);  (Qwen3: per-head q/k norms);  rotary(q, k)
-                append k, v to the KV cache;  x = x + o_proj(attention(q, cache))
-                x = x + mlp(norm2(x))
+                write k, v into the cache;  x = x + o_proj(softmax(q K^T * scale + mask) V)
+                x = x + down(silu(gate(h2)) * up(h2)),  h2 = norm2(x)
     logits = lm_head(norm(x))
 
-Small plain models get q/k/v and gate/up fused into one matrix product each (copies made once per
-rollout, see FUSE_MAX_BYTES). LoRA models get the same fused products with the adapters merged in,
-W + scale * B A, computed once per rollout (see MERGE_MAX_BYTES): one matrix product per projection
-instead of peft's three plus its module overhead, with the same logits up to float rounding.
+Where it keeps the operator count per token low (the decode of a small model is bound by it):
+- the KV cache is `kv_cache.DecodeCache`, written in place, and attention for one query is two
+  batched products, q K^T with the mask added in the same call and p V (grouped-query heads share
+  their key/value head without a copy): on CPU a fraction of SDPA's cost for a single query;
+- q/k/v and gate/up are fused into one matrix product each, with the RMSNorm weights folded into
+  their columns: g * x / sqrt(mean(x^2) + eps) = (g sqrt(D)) * x / sqrt(sum(x^2) + D eps), so
+  W diag(g sqrt(D)) is stored and a norm is four small operators (`_unit_scale`), where the
+  RMSNorm module and `F.rms_norm` take several more (dtype casts, a mean, copies);
+- residual additions ride on the products (`addmm`), and rotate-half is one `roll` against a
+  sign-folded sine: rotate_half(x) * sin = roll(x, d/2) * [-sin1, sin2].
+Fused copies are made once per rollout for small plain models (FUSE_MAX_BYTES); LoRA models get
+them with the adapters merged in, W + scale * B A (MERGE_MAX_BYTES): one product per projection
+instead of peft's three. Other models use their own modules for the products and norms.
 Anything outside this family or with sliding windows, a non-SiLU MLP or tensor-parallel weights
-falls back to the transformers forward.
-tests/test_fast_decode.py checks the logits against that forward for each supported architecture.
+falls back to the transformers forward. The folded and fused products round differently from the
+transformers forward, so logits agree to float rounding, not bit for bit;
+tests/test_fast_decode.py checks them against that forward for each supported architecture.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from agpo_lab.rollout.kv_cache import DecodeCache
+
 FAMILY = ("llama", "qwen2", "qwen3", "mistral")
 FUSE_MAX_BYTES = 64 * 2**20
 """Fuse a plain model's projection weights only when all of them together are below this size: the
-fused copies cost that memory again, and only small models, whose decode is overhead-bound, gain."""
+fused copies cost that memory again, and only small models, whose decode is overhead-bound, gain.
+The same bound decides whether the LM head gets a copy with the final norm's weight folded in."""
 MERGE_MAX_BYTES = 2**31
 """Merge LoRA adapters into copies of the projection weights for the rollout only when those copies
 take at most this much memory (held during the rollout only, freed after it)."""
@@ -41,7 +56,7 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def supported(model: torch.nn.Module) -> bool:
-    """Whether `FastDecoder` computes exactly what this model's forward computes."""
+    """Whether `FastDecoder` computes what this model's forward computes (up to float rounding)."""
     cfg = getattr(_base(model), "config", None)
     if cfg is None or cfg.model_type not in FAMILY or cfg.hidden_act != "silu":
         return False
@@ -100,90 +115,155 @@ def _effective(proj: torch.nn.Module) -> tuple[Tensor, Tensor | None] | None:
     return weight, base.bias
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding, rotate-half convention: x * cos + [-x2, x1] * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def _norm_parts(norm: torch.nn.Module) -> tuple[Tensor, float] | None:
+    """(weight * sqrt(D), D * eps) of a plain RMSNorm, weight * x / sqrt(mean(x^2) + eps), so that
+    norm(x) = weight * sqrt(D) * _unit_scale(x, D * eps); None for other norms."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if weight is None or eps is None or weight.dim() != 1:
+        return None
+    return weight * weight.shape[0] ** 0.5, weight.shape[0] * eps
+
+
+def _unit_scale(x: Tensor, sum_eps: float) -> Tensor:
+    """x / sqrt(sum(x^2) + sum_eps) over the last dimension (an RMSNorm without its sqrt(D) and
+    weight, which `_norm_parts` folds into the next product's weight).
+
+    Example: x = [3, 4], sum_eps = 0 -> [0.6, 0.8].
+    """
+    return x * (x * x).sum(-1, keepdim=True).add_(sum_eps).rsqrt_()
+
+
+class FusedLayer(NamedTuple):
+    """A decoder layer's products, fused and with its norm weights folded in (see module docstring)."""
+
+    qkv_weight: Tensor
+    """[(heads + 2 kv_heads) * head_dim, hidden], input norm's weight folded into the columns."""
+    qkv_bias: Tensor | None
+    input_eps: float
+    """D * the input norm's eps (see `_norm_parts`)."""
+    o_weight_t: Tensor
+    """[heads * head_dim, hidden]: o_proj's weight, transposed (a view), for addmm."""
+    o_bias: Tensor | None
+    gate_up_weight: Tensor
+    """[2 * intermediate, hidden], post-attention norm's weight folded into the columns."""
+    post_eps: float
+    """D * the post-attention norm's eps."""
+    down_weight_t: Tensor
+    """[intermediate, hidden]: down_proj's weight, transposed (a view), for addmm."""
+
+
+def fuse_layer(layer: torch.nn.Module) -> FusedLayer | None:
+    """The layer's `FusedLayer` when its projections are plain or LoRA Linears (adapters merged)
+    and its norms plain RMSNorms, else None."""
+    parts = [_effective(p) for p in _projections(layer)]
+    norms = [_norm_parts(layer.input_layernorm), _norm_parts(layer.post_attention_layernorm)]
+    if any(p is None for p in parts) or any(n is None for n in norms):
+        return None
+    (q, k, v, o, gate, up, down), ((g_in, eps_in), (g_post, eps_post)) = parts, norms
+    mixed_qkv_bias = len({b is None for b in (q[1], k[1], v[1])}) > 1
+    if mixed_qkv_bias or any(b is not None for b in (gate[1], up[1], down[1])):
+        return None
+    return FusedLayer(
+        qkv_weight=torch.cat([q[0], k[0], v[0]]) * g_in,
+        qkv_bias=None if q[1] is None else torch.cat([q[1], k[1], v[1]]),
+        input_eps=eps_in,
+        o_weight_t=o[0].t(),
+        o_bias=o[1],
+        gate_up_weight=torch.cat([gate[0], up[0]]) * g_post,
+        post_eps=eps_post,
+        down_weight_t=down[0].t(),
+    )
+
+
+@functools.cache
+def compiled(function):
+    """`function` compiled once per process; dynamic shapes let one graph serve every batch size
+    and cache length (a batch of one row would be specialised and recompiled: run it eagerly)."""
+    return torch.compile(function, dynamic=True)
 
 
 class FastDecoder:
-    """One decode step of a supported model over a transformers KV cache (see module docstring).
+    """One decode step of a supported model over a `DecodeCache` (see module docstring).
 
-    Build it once per rollout, after the prefill; `step` appends to the cache's layers the same way
-    the transformers forward would, so the cache's `batch_select_indices` keeps working.
+    Build it once per rollout, after the prefill (it reads the adapters' current state), and the
+    cache from the prefill's: `DecodeCache(prefill_cache, extra_tokens)`.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
         base = _base(model)
         self.decoder, self.lm_head = base.get_decoder(), base.get_output_embeddings()
         attn = self.decoder.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.heads = base.config.num_attention_heads
         self.kv_heads = getattr(base.config, "num_key_value_heads", None) or self.heads
+        self.compile = compile
         layers = self.decoder.layers
         lora = any(_is_lora(p) for layer in layers for p in _projections(layer))
         size = _weight_bytes(layers)
         worth = size <= MERGE_MAX_BYTES if lora else size <= FUSE_MAX_BYTES
-        self.fused = [self._fuse(layer) for layer in layers] if worth else [None] * len(layers)
-        # passed only when needed: torch.compile cannot trace sdpa's enable_gqa=False on CPU
-        self.gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}
+        self.fused = [fuse_layer(layer) for layer in layers] if worth else [None] * len(layers)
+        self.head = None
+        """(LM head weight with the final norm's weight folded in, eps), for a small plain head."""
+        norm, head = _norm_parts(self.decoder.norm), self.lm_head
+        plain_head = type(head) is torch.nn.Linear and head.bias is None
+        if norm is not None and plain_head and head.weight.nbytes <= FUSE_MAX_BYTES:
+            self.head = (head.weight * norm[0], norm[1])
+        half = attn.o_proj.weight.new_ones(self.head_dim // 2)
+        self.rotate_sign = torch.cat([-half, half])
+        """[-1, ..., 1, ...]: rotate_half(x) * sin == roll(x, d / 2) * (sin * rotate_sign)."""
 
-    @staticmethod
-    def _fuse(layer: torch.nn.Module) -> tuple | None:
-        """(qkv weight, qkv bias, o weight, o bias, gate-up weight, down weight) of a layer whose
-        projections are plain or LoRA Linears (adapters merged), else None."""
-        parts = [_effective(p) for p in _projections(layer)]
-        if any(p is None for p in parts):
-            return None
-        (q, k, v, o, gate, up, down) = parts
-        mixed_qkv_bias = len({b is None for b in (q[1], k[1], v[1])}) > 1
-        if mixed_qkv_bias or any(b is not None for b in (gate[1], up[1], down[1])):
-            return None
-        qkv_bias = None if q[1] is None else torch.cat([q[1], k[1], v[1]])
-        gate_up = torch.cat([gate[0], up[0]])
-        return torch.cat([q[0], k[0], v[0]]), qkv_bias, o[0], o[1], gate_up, down[0]
+    def step(self, cache: DecodeCache, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Logits [b, V] after appending one token per row at column `cache.length`. tokens,
+        positions: [b]; mask: [b, cache.length + 1] attention mask including this token (1 =
+        attend)."""
+        run = compiled(_step) if self.compile and len(tokens) > 1 else _step
+        logits = run(self, cache, tokens, positions, mask)
+        cache.length = mask.shape[1]
+        return logits
 
-    def step(self, cache, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Logits [b, V] after appending one token per row. tokens, positions: [b]; mask: [b, L]
-        attention mask over the cache including this token (1 = attend)."""
-        b, d = tokens.shape[0], self.head_dim
-        x = self.decoder.embed_tokens(tokens)
-        cos, sin = self.decoder.rotary_emb(x, positions[:, None])  # [b, 1, d]: broadcast on heads
-        # additive mask, built once per step (a boolean one is converted in every layer's sdpa)
-        mask_bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        mask_bias = mask_bias.masked_fill(mask == 0, float("-inf"))[:, None, None, :]
-        q_heads, kv_width = self.heads, self.kv_heads * d
-        for layer, kv_cache, fused in zip(self.decoder.layers, cache.layers, self.fused):
-            a = layer.self_attn
+
+def _step(dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, mask: Tensor):
+    """`FastDecoder.step`'s computation, with no Python state changed (it may be compiled)."""
+    b, d, heads, kv_heads = tokens.shape[0], dec.head_dim, dec.heads, dec.kv_heads
+    group, length = heads // kv_heads, mask.shape[1]
+    new = length - 1  # this token's position in the cache
+    x = dec.decoder.embed_tokens(tokens)
+    cos, sin = dec.decoder.rotary_emb(x, positions[:, None])  # [b, 1, d]: broadcast on heads
+    sin = sin * dec.rotate_sign
+    # The additive mask, once per step, laid out as the scores: [b * kv_heads, group, length].
+    bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+        mask == 0, -torch.inf
+    )
+    bias = bias[:, None, None, :].expand(b, kv_heads, group, length).reshape(-1, group, length)
+    for i, (layer, fused) in enumerate(zip(dec.decoder.layers, dec.fused)):
+        a = layer.self_attn
+        if fused is None:
             h = layer.input_layernorm(x)
-            if fused is None:
-                q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
-                qk = torch.cat([q, k], dim=-1)
-            else:
-                qk, v = F.linear(h, fused[0], fused[1]).split(
-                    [q_heads * d + kv_width, kv_width], -1
-                )
-            qk, v = qk.reshape(b, -1, d), v.view(b, -1, d)
-            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-                qk = torch.cat([a.q_norm(qk[:, :q_heads]), a.k_norm(qk[:, q_heads:])], dim=1)
-            q, k = _rotate(qk, cos, sin).split([q_heads, self.kv_heads], dim=1)
-            keys, values = kv_cache.update(k[:, :, None], v[:, :, None])
-            attended = F.scaled_dot_product_attention(
-                q[:, :, None],
-                keys,
-                values,
-                attn_mask=mask_bias,
-                scale=self.scaling,
-                **self.gqa,
-            )
-            if fused is None:
-                x = x + a.o_proj(attended.reshape(b, -1))
-            else:
-                x = x + F.linear(attended.reshape(b, -1), fused[2], fused[3])
-            h = layer.post_attention_layernorm(x)
-            if fused is None:
-                x = x + layer.mlp(h)
-            else:
-                gate, up = F.linear(h, fused[4]).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, fused[5])
-        return self.lm_head(self.decoder.norm(x))
+            qk, v = torch.cat([a.q_proj(h), a.k_proj(h)], dim=-1), a.v_proj(h)
+        else:
+            qkv = F.linear(_unit_scale(x, fused.input_eps), fused.qkv_weight, fused.qkv_bias)
+            qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], -1)
+        qk = qk.reshape(b, heads + kv_heads, d)
+        if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
+            qk = torch.cat([a.q_norm(qk[:, :heads]), a.k_norm(qk[:, heads:])], dim=1)
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+        keys, values = cache.keys[i], cache.values[i]
+        keys.narrow(2, new, 1).copy_(qk[:, heads:, None])
+        values.narrow(2, new, 1).copy_(v.view(b, kv_heads, 1, d))
+        q = qk[:, :heads].reshape(b * kv_heads, group, d)
+        keys, values = (t[:, :, :length].reshape(-1, length, d) for t in (keys, values))
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=dec.scaling)
+        attended = torch.bmm(scores.softmax(-1), values)
+        attended = attended.view(b, heads * d)
+        if fused is None:
+            x = x + a.o_proj(attended)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            continue
+        x = torch.addmm(x, attended, fused.o_weight_t)
+        if fused.o_bias is not None:
+            x = x + fused.o_bias
+        gate, up = F.linear(_unit_scale(x, fused.post_eps), fused.gate_up_weight).chunk(2, dim=-1)
+        x = torch.addmm(x, F.silu(gate) * up, fused.down_weight_t)
+    if dec.head is None:
+        return dec.lm_head(dec.decoder.norm(x))
+    return F.linear(_unit_scale(x, dec.head[1]), dec.head[0])

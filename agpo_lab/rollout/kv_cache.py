@@ -63,3 +63,32 @@ def preallocate(cache, extra_tokens: int) -> None:
     for i, layer in enumerate(layers or []):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             layers[i] = PreallocatedLayer(layer, extra_tokens)
+
+
+class DecodeCache:
+    """The fast decode step's own KV cache: per layer, keys and values [b, kv_heads, capacity,
+    head_dim], sized for the whole rollout when the prefill hands them over.
+
+    A decode step writes its keys and values at position `length` of each layer's buffers and
+    reads the filled part as views (the caller then advances `length`), with none of the cache
+    layer's per-call bookkeeping; `batch_select_indices` keeps the listed rows, copying only the
+    filled part.
+    """
+
+    def __init__(self, cache, extra_tokens: int) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in cache.layers:
+            batch, heads, length, dim = layer.keys.shape
+            for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
+                buffer = filled.new_empty(batch, heads, length + extra_tokens, dim)
+                buffer[:, :, :length] = filled
+                store.append(buffer)
+        self.length = length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_empty(len(indices), *old.shape[1:])
+                new[:, :, : self.length] = old[:, :, : self.length].index_select(0, indices)
+                store[i] = new
