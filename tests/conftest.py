@@ -26,29 +26,28 @@ def decode_both_ways(
     steps: int = 4,
     drop_row_at: tuple[int, int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per decode step, (transformers forward logits, FastDecoder logits) for the same tokens.
+    """(transformers forward logits, FastDecoder logits) after the prefill and after each decode step.
 
-    Both start from the same prefill of `ids`/`mask` (left padding allowed) with their own KV
-    cache and feed the transformers forward's greedy token. `drop_row_at=(step, row)`: that row
-    leaves the batch before that step, as a finished row does in the rollout loop.
+    Each side prefills `ids`/`mask` (left padding allowed) into its own KV cache; both then get
+    the transformers forward's greedy token. `drop_row_at=(step, row)`: that row leaves the batch
+    before that step, as a finished row does in the rollout loop.
     """
     from agpo_lab.rollout.fast_decode import FastDecoder
     from agpo_lab.rollout.inputs import positions_from_mask
-    from agpo_lab.rollout.kv_cache import DecodeCache, cache_kwarg, preallocate
+    from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
 
     position = positions_from_mask(mask)
-    caches = []
-    for _ in range(2):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        caches.append(out.past_key_values)
-    preallocate(caches[0], steps)
-    caches[1] = DecodeCache(caches[1], steps)
-    decoder, tokens = FastDecoder(model), out.logits[:, -1].argmax(-1)
-    position, pairs = position[:, -1], []
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+    hf_cache = out.past_key_values
+    preallocate(hf_cache, steps)
+    decoder = FastDecoder(model)
+    fast_logits, fast_cache = decoder.prefill(ids, mask, position, steps)
+    pairs = [(out.logits[:, -1], fast_logits)]
+    tokens, position = out.logits[:, -1].argmax(-1), position[:, -1]
     for step in range(steps):
         if drop_row_at is not None and step == drop_row_at[0]:
             keep = torch.tensor([r for r in range(len(tokens)) if r != drop_row_at[1]])
-            for cache in caches:
+            for cache in (hf_cache, fast_cache):
                 cache.batch_select_indices(keep)
             tokens, position, mask = tokens[keep], position[keep], mask[keep]
         position, mask = position + 1, torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
@@ -57,9 +56,9 @@ def decode_both_ways(
             attention_mask=mask,
             position_ids=position[:, None],
             use_cache=True,
-            **{cache_kwarg(model): caches[0]},
+            **{cache_kwarg(model): hf_cache},
         ).logits[:, -1]
-        pairs.append((expected, decoder.step(caches[1], tokens, position, mask)))
+        pairs.append((expected, decoder.step(fast_cache, tokens, position, mask)))
         tokens = expected.argmax(-1)
     return pairs
 

@@ -22,7 +22,7 @@ from agpo_lab.config import RolloutConfig
 from agpo_lab.rollout.fast_decode import FastDecoder, compiled
 from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
 from agpo_lab.rollout.inputs import eval_mode, left_pad, positions_from_mask, stop_token_ids
-from agpo_lab.rollout.kv_cache import DecodeCache, cache_kwarg, preallocate
+from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
 from agpo_lab.rollout.sampling import sample_next_token
 
 
@@ -98,22 +98,23 @@ def _decode(
     # The attention mask of every step is a prefix of this one (generated tokens are never padding).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, steps)], dim=1)
     position = positions_from_mask(prompt_mask)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    position, logits = position[:, -1], out.logits[:, -1]
     fast = cfg.fast_decode and fast_decode_supported(model)
     if fast:  # FastDecoder compiles its own step when asked
-        cache = DecodeCache(cache, steps)
         runner, forward = FastDecoder(model, compile=cfg.compile_decode), _fast_forward
+        logits, cache = runner.prefill(prompt_ids, prompt_mask, position, steps)
     else:
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         preallocate(cache, steps)
+        logits = out.logits[:, -1]
         runner, forward = (model, cache_kwarg(model)), _forward
+    position = position[:, -1]
     compile_forward = cfg.compile_decode and not fast
     for step in range(steps):
         tokens, logprobs, entropy = sample_next_token(

@@ -130,7 +130,8 @@ def _unit_scale(x: Tensor, sum_eps: float) -> Tensor:
 
     Example: x = [3, 4], sum_eps = 0 -> [0.6, 0.8].
     """
-    return x * (x * x).sum(-1, keepdim=True).add_(sum_eps).rsqrt_()
+    x32 = x.float()  # the sum of squares in float32, as the RMSNorm modules compute it
+    return x * (x32 * x32).sum(-1, keepdim=True).add_(sum_eps).rsqrt_().to(x.dtype)
 
 
 class FusedLayer(NamedTuple):
@@ -183,10 +184,11 @@ def compiled(function):
 
 
 class FastDecoder:
-    """One decode step of a supported model over a `DecodeCache` (see module docstring).
+    """The prefill and the one-token decode steps of a supported model over a `DecodeCache` (see
+    the module docstring). Build it once per rollout (it reads the adapters' current state):
 
-    Build it once per rollout, after the prefill (it reads the adapters' current state), and the
-    cache from the prefill's: `DecodeCache(prefill_cache, extra_tokens)`.
+        logits, cache = decoder.prefill(prompt_ids, prompt_mask, positions, extra_tokens)
+        logits = decoder.step(cache, tokens, positions, mask)   # once per new token
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
@@ -212,29 +214,58 @@ class FastDecoder:
         self.rotate_sign = torch.cat([-half, half])
         """[-1, ..., 1, ...]: rotate_half(x) * sin == roll(x, d / 2) * (sin * rotate_sign)."""
 
+    def prefill(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor, extra_tokens: int
+    ) -> tuple[Tensor, DecodeCache]:
+        """(logits [b, V] at each row's last prompt token, a `DecodeCache` holding the prompts with
+        room for `extra_tokens` more). prompt_ids, prompt_mask, positions: [b, P], left-padded."""
+        b, p = prompt_ids.shape
+        weight = self.rotate_sign
+        cache = DecodeCache(len(self.fused), b, self.kv_heads, p + extra_tokens, self.head_dim,
+                            dtype=weight.dtype, device=weight.device)  # fmt: skip
+        # A query sees the real keys up to its own position; a padding query sees only itself
+        # (its output is never used, but a row of -inf scores would turn into NaN).
+        causal = torch.ones(p, p, dtype=torch.bool, device=weight.device).tril()
+        seen = causal & prompt_mask[:, None, :].bool() | torch.eye(p, dtype=torch.bool).to(causal)
+        bias = torch.zeros(seen.shape, dtype=weight.dtype, device=weight.device)
+        bias = bias.masked_fill(~seen, -torch.inf)
+        logits = _forward(self, cache, prompt_ids, positions, bias)
+        cache.length = p
+        return logits, cache
+
     def step(self, cache: DecodeCache, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Logits [b, V] after appending one token per row at column `cache.length`. tokens,
+        """Logits [b, V] after appending one token per row at position `cache.length`. tokens,
         positions: [b]; mask: [b, cache.length + 1] attention mask including this token (1 =
         attend)."""
-        run = compiled(_step) if self.compile and len(tokens) > 1 else _step
+        run = compiled(_decode_step) if self.compile and len(tokens) > 1 else _decode_step
         logits = run(self, cache, tokens, positions, mask)
         cache.length = mask.shape[1]
         return logits
 
 
-def _step(dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, mask: Tensor):
-    """`FastDecoder.step`'s computation, with no Python state changed (it may be compiled)."""
-    b, d, heads, kv_heads = tokens.shape[0], dec.head_dim, dec.heads, dec.kv_heads
-    group, length = heads // kv_heads, mask.shape[1]
-    new = length - 1  # this token's position in the cache
-    x = dec.decoder.embed_tokens(tokens)
-    cos, sin = dec.decoder.rotary_emb(x, positions[:, None])  # [b, 1, d]: broadcast on heads
-    sin = sin * dec.rotate_sign
-    # The additive mask, once per step, laid out as the scores: [b * kv_heads, group, length].
-    bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
-        mask == 0, -torch.inf
-    )
-    bias = bias[:, None, None, :].expand(b, kv_heads, group, length).reshape(-1, group, length)
+def _decode_step(
+    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, mask: Tensor
+) -> Tensor:
+    """`FastDecoder.step` without its bookkeeping (no Python state changes: it may be compiled)."""
+    bias = torch.zeros(mask.shape, dtype=dec.rotate_sign.dtype, device=mask.device)
+    bias = bias.masked_fill(mask == 0, -torch.inf)[:, None, :]  # [b, 1 query, keys]
+    return _forward(dec, cache, tokens[:, None], positions[:, None], bias)
+
+
+def _forward(
+    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, bias: Tensor
+) -> Tensor:
+    """Logits [b, V] at the last of p new tokens per row, whose keys and values are written to the
+    cache at columns [L - p, L). tokens, positions: [b, p]; bias: [b, p, L] additive attention mask
+    (0 = attend, -inf = not) over the cache's first L columns."""
+    (b, p), length, d = tokens.shape, bias.shape[-1], dec.head_dim
+    heads, kv_heads = dec.heads, dec.kv_heads
+    group, start = heads // kv_heads, length - p
+    x = dec.decoder.embed_tokens(tokens).view(b * p, -1)
+    cos, sin = dec.decoder.rotary_emb(x, positions)  # [b, p, d]
+    cos, sin = cos[:, None], (sin * dec.rotate_sign)[:, None]  # broadcast over heads
+    # The mask laid out as the scores: [b * kv_heads, group * p queries, length keys].
+    bias = bias[:, None, None].expand(b, kv_heads, group, p, length).reshape(-1, group * p, length)
     for i, (layer, fused) in enumerate(zip(dec.decoder.layers, dec.fused)):
         a = layer.self_attn
         if fused is None:
@@ -243,18 +274,18 @@ def _step(dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tenso
         else:
             qkv = F.linear(_unit_scale(x, fused.input_eps), fused.qkv_weight, fused.qkv_bias)
             qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], -1)
-        qk = qk.reshape(b, heads + kv_heads, d)
+        qk = qk.reshape(b, p, heads + kv_heads, d).transpose(1, 2)  # [b, heads, p, d]
         if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
             qk = torch.cat([a.q_norm(qk[:, :heads]), a.k_norm(qk[:, heads:])], dim=1)
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
         keys, values = cache.keys[i], cache.values[i]
-        keys.narrow(2, new, 1).copy_(qk[:, heads:, None])
-        values.narrow(2, new, 1).copy_(v.view(b, kv_heads, 1, d))
-        q = qk[:, :heads].reshape(b * kv_heads, group, d)
+        keys.narrow(2, start, p).copy_(qk[:, heads:])
+        values.narrow(2, start, p).copy_(v.reshape(b, p, kv_heads, d).transpose(1, 2))
+        q = qk[:, :heads].reshape(b * kv_heads, group * p, d)  # a group's heads share a kv head
         keys, values = (t[:, :, :length].reshape(-1, length, d) for t in (keys, values))
         scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=dec.scaling)
-        attended = torch.bmm(scores.softmax(-1), values)
-        attended = attended.view(b, heads * d)
+        attended = torch.bmm(scores.softmax(-1), values)  # [b * kv_heads, group * p, d]
+        attended = attended.view(b, heads, p, d).transpose(1, 2).reshape(b * p, heads * d)
         if fused is None:
             x = x + a.o_proj(attended)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -264,6 +295,7 @@ def _step(dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tenso
             x = x + fused.o_bias
         gate, up = F.linear(_unit_scale(x, fused.post_eps), fused.gate_up_weight).chunk(2, dim=-1)
         x = torch.addmm(x, F.silu(gate) * up, fused.down_weight_t)
+    x = x.view(b, p, -1)[:, -1]
     if dec.head is None:
         return dec.lm_head(dec.decoder.norm(x))
     return F.linear(_unit_scale(x, dec.head[1]), dec.head[0])

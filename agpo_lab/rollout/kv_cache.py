@@ -66,25 +66,28 @@ def preallocate(cache, extra_tokens: int) -> None:
 
 
 class DecodeCache:
-    """The fast decode step's own KV cache: per layer, keys and values [b, kv_heads, capacity,
-    head_dim], sized for the whole rollout when the prefill hands them over.
+    """The fast decode path's own KV cache (`fast_decode.FastDecoder`): per layer, keys and values
+    [b, kv_heads, capacity, head_dim], allocated once for the whole rollout.
 
-    A decode step writes its keys and values at position `length` of each layer's buffers and
-    reads the filled part as views (the caller then advances `length`), with none of the cache
-    layer's per-call bookkeeping; `batch_select_indices` keeps the listed rows, copying only the
-    filled part.
+    The decoder writes new keys and values at position `length` of each layer's buffers and reads
+    the filled part as views, with none of the transformers cache layers' per-call bookkeeping;
+    `batch_select_indices` keeps the listed rows, copying only the filled part.
     """
 
-    def __init__(self, cache, extra_tokens: int) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for layer in cache.layers:
-            batch, heads, length, dim = layer.keys.shape
-            for store, filled in ((self.keys, layer.keys), (self.values, layer.values)):
-                buffer = filled.new_empty(batch, heads, length + extra_tokens, dim)
-                buffer[:, :, :length] = filled
-                store.append(buffer)
-        self.length = length
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for store in (self.keys, self.values):
