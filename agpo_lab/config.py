@@ -167,10 +167,10 @@ class RolloutConfig(Settings):
     max_new_tokens: int = 96
     """Most tokens generated per completion (EOS included); a row that reaches it is `truncated`."""
     fast_decode: bool = True
-    """Decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with agpo_lab.rollout.fast_decode's
-    lean one-token step: the same logits as the transformers forward (tested), faster on small
-    models (benchmarks/README.md); other models always use the transformers forward. False: always
-    the latter."""
+    """Prefill and decode Llama-family models (Llama, Qwen2, Qwen3, Mistral) with
+    agpo_lab.rollout.fast_decode's lean layers and KV cache: the transformers forward's logits up
+    to float rounding (tested), faster (benchmarks/README.md); other models always use the
+    transformers forward. False: always the latter."""
     compile_decode: bool = False
     """`torch.compile` the one-token decode step: fewer, fused kernels per token after a one-off
     compile per process (benchmarks/README.md has the measured gain and cost); for long training
