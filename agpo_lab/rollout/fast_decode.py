@@ -1,9 +1,11 @@
-"""A lean one-token decode step for Llama-family causal LMs (Llama, Qwen2, Qwen3, Mistral).
+"""A lean prefill and one-token decode step for Llama-family causal LMs (Llama, Qwen2, Qwen3,
+Mistral), over their own KV cache.
 
 The transformers forward is written for every case: per call it builds an attention mask, picks an
 attention backend, records outputs and goes through about ten module wrappers per layer. For one
 new token per row on a small model that bookkeeping costs as much as the arithmetic. `FastDecoder`
-runs the same decoder layers with the model's own weights and nothing else:
+runs the same decoder layers with the model's own weights and nothing else, for p new tokens per
+row (the prompts' prefill, then p = 1 per decode step):
 
     x = embed(token)
     per layer:  h = norm1(x);  q, k, v = proj(h);  (Qwen3: per-head q/k norms);  rotary(q, k)
