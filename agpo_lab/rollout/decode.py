@@ -4,8 +4,8 @@
 per step from the KV cache. Rows that have emitted EOS leave the active batch (their cache rows are
 selected out once they are more than a quarter of it), so the late tokens of long completions cost
 only the unfinished rows; the cache is preallocated (`kv_cache`) so a step writes its keys in
-place. For Llama-family models the one-token step is `fast_decode`'s lean decoder over its own
-cache (the same logits up to float rounding, far fewer operations); with
+place. For Llama-family models the prefill and the one-token steps are `fast_decode`'s lean
+layers over their own cache (the same logits up to float rounding, far fewer operations); with
 `RolloutConfig.compile_decode` it runs through `torch.compile`. Token drawing and the log-prob
 convention (log softmax(logits / T) of the full distribution; temperature 0 is greedy with T = 1
 log-probs) are in `sampling`; `logprobs.completion_logprobs` recomputes the same log-probs in one

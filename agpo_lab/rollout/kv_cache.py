@@ -1,5 +1,6 @@
-"""The KV cache of the decoding loop: transformers' cache layers, preallocated so that a decode step
-writes its keys in place instead of re-concatenating the whole cache."""
+"""The KV caches of the decoding loop: transformers' cache layers, preallocated so that a decode
+step writes its keys in place instead of re-concatenating the whole cache (`preallocate`), and
+`DecodeCache`, the fast decode path's own cache (plain buffers, no per-call bookkeeping)."""
 
 from __future__ import annotations
 
