@@ -71,8 +71,8 @@ def _fast_forward(decoder: FastDecoder, cache, tokens, positions, mask) -> torch
 COMPACT_FRACTION = 0.25
 """Finished rows leave the decoding batch (and the KV cache) once they are more than this fraction
 of it; until then they decode padding. Selecting cache rows out copies the whole filled cache, while
-one more row costs a decode step little on an overhead- or weight-bound model, so compacting at
-every finish cost more than it saved. 0: compact whenever a row finishes."""
+a few more rows cost a decode step little on an overhead- or weight-bound model (benchmarks/
+README.md has the profile before and after). 0: compact whenever a row finishes."""
 
 
 @torch.inference_mode()
