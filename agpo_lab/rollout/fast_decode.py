@@ -221,16 +221,15 @@ class FastDecoder:
     ) -> tuple[Tensor, DecodeCache]:
         """(logits [b, V] at each row's last prompt token, a `DecodeCache` holding the prompts with
         room for `extra_tokens` more). prompt_ids, prompt_mask, positions: [b, P], left-padded."""
-        b, p = prompt_ids.shape
-        weight = self.rotate_sign
+        (b, p), dtype, device = prompt_ids.shape, self.rotate_sign.dtype, prompt_ids.device
         cache = DecodeCache(len(self.fused), b, self.kv_heads, p + extra_tokens, self.head_dim,
-                            dtype=weight.dtype, device=weight.device)  # fmt: skip
+                            dtype=dtype, device=device)  # fmt: skip
         # A query sees the real keys up to its own position; a padding query sees only itself
         # (its output is never used, but a row of -inf scores would turn into NaN).
-        causal = torch.ones(p, p, dtype=torch.bool, device=weight.device).tril()
-        seen = causal & prompt_mask[:, None, :].bool() | torch.eye(p, dtype=torch.bool).to(causal)
-        bias = torch.zeros(seen.shape, dtype=weight.dtype, device=weight.device)
-        bias = bias.masked_fill(~seen, -torch.inf)
+        causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+        itself = torch.eye(p, dtype=torch.bool, device=device)
+        seen = causal & prompt_mask[:, None, :].bool() | itself
+        bias = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, -torch.inf)
         logits = _forward(self, cache, prompt_ids, positions, bias)
         cache.length = p
         return logits, cache
