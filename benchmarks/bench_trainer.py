@@ -167,6 +167,30 @@ class StepClock:
         return {"step_seconds": diff(self.walls), "cpu_seconds": diff(self.cpus)}
 
 
+class GenerateTimer:
+    """Seconds per step spent inside `model.generate` (TRL's sampling), by wrapping the method of
+    this model instance (peft's wrappers call it once per generation)."""
+
+    def __init__(self, model) -> None:
+        self.total, self.at_tick, self.per_step, self.started = 0.0, 0.0, [], False
+        generate = model.generate
+
+        def timed_generate(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+
+        model.generate = timed_generate
+
+    def tick(self) -> None:
+        """End of a step (the first call, before training, only sets the start)."""
+        if self.started:
+            self.per_step.append(self.total - self.at_tick)
+        self.started, self.at_tick = True, self.total
+
+
 def task_name(args: argparse.Namespace, tokenizer) -> str:
     """The task both sides train on (`--task`; auto: word_arithmetic for a chat model)."""
     if args.task != "auto":
@@ -250,11 +274,12 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
         seed=0,
         dataloader_num_workers=0,
     )
-    clock = StepClock()
+    clock, generating = StepClock(), GenerateTimer(model)
 
     class OnStepEnd(TrainerCallback):
         def on_step_end(self, *_, **__):
             clock.tick()
+            generating.tick()
 
     trainer = GRPOTrainer(
         model=model,
@@ -267,6 +292,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     )
     limits = limit_inputs(args, trainer.model, tokenizer, task)
     clock.__init__()  # start the clocks after setup
+    generating.tick()
     trainer.train()
     logs = [log for log in trainer.state.log_history if "completions/mean_length" in log]
     completions = args.prompts * args.group_size
@@ -275,6 +301,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
         **clock.durations(),
         "tokens_per_step": [log["completions/mean_length"] * completions for log in logs],
         "reward": [log.get("reward", float("nan")) for log in logs],
+        "rollout_seconds": generating.per_step,
     }
 
 
@@ -354,8 +381,8 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
         "ms_per_token": 1000 * sum(seconds) / max(sum(tokens), 1e-9),
         "max_rss_mb": max(r["max_rss_mb"] for r in rounds),
         "reward": statistics.mean(x for r in rounds for x in r["reward"][warmup:]),
-        "rollout_share": sum(x for r in rounds for x in r.get("rollout_seconds", [])[warmup:])
-        / sum(seconds),
+        "mean_step_s": statistics.mean(seconds),
+        "mean_rollout_s": statistics.mean(x for r in rounds for x in r["rollout_seconds"][warmup:]),
     }
 
 
@@ -386,7 +413,7 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         ratio = f"{ours[key] / trl[key]:.2f}x" if trl[key] and key != "reward" else "-"
         ours_text, trl_text = fmt.format(ours[key]), fmt.format(trl[key])
         print(f"{label:28s} {ours_text:>10s} {trl_text:>10s} {ratio:>9s}")
-    print(f"(ours: sampling + rewards take {100 * ours['rollout_share']:.0f}% of the step)")
+    print_split(args, ours, trl)
     if ours["update_tokens"] is not None:
         all_tokens = (
             args.prompts * args.group_size * ours["prompt_tokens"] + ours["tokens_per_step"]
@@ -402,10 +429,13 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         f"weights {ours['linear_weights'] / 1e6:.1f} M, prompt {ours['prompt_tokens']:.0f} tokens"
     )
     for name, side in (("agpo_lab", ours), ("TRL 1.16", trl)):
-        bound = flop_bound_step_seconds(args, side, gflops)
+        sampling, rest = flop_bound_seconds(args, side, gflops)
+        measured_rest = side["mean_step_s"] - side["mean_rollout_s"]
         print(
-            f"  {name}: FLOP-bound step {bound:.2f} s for its tokens -> "
-            f"{100 * bound / side['median_step_s']:.0f}% of the limit"
+            f"  {name}: FLOP-bound step {sampling + rest:.2f} s for its tokens -> "
+            f"{100 * (sampling + rest) / side['median_step_s']:.0f}% of the limit (sampling "
+            f"{100 * sampling / side['mean_rollout_s']:.0f}%, the rest "
+            f"{100 * rest / measured_rest:.0f}%)"
         )
     step_ratio = ours["median_step_s"] / trl["median_step_s"]
     print(f"ratio step time ours/TRL: {step_ratio:.3f} (target <= {step_target(args)})")
@@ -415,18 +445,42 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
     )
 
 
-def flop_bound_step_seconds(args: argparse.Namespace, side: dict, gflops: float) -> float:
-    """Seconds one step would take if all its matmul FLOPs ran at `gflops`: the rollout's
-    forward over prompt and generated tokens, the reference forward over the same tokens when
-    beta > 0, and the update's forward + backward (+ weight gradients without --lora) over the
-    tokens it computed: all of them for TRL, the rows with a non-zero gradient for ours."""
+def print_split(args: argparse.Namespace, ours: dict, trl: dict) -> None:
+    """Sampling against the rest of the step (the update, the reference forward, rewards,
+    bookkeeping) on each side, and what the ratio would be if our sampling took no time at all:
+    the floor that the rest of our step puts under the ratio."""
+    for name, side, what in (
+        ("agpo_lab", ours, "sampling + rewards"),
+        ("TRL 1.16", trl, "model.generate"),
+    ):
+        rollout, step = side["mean_rollout_s"], side["mean_step_s"]
+        print(
+            f"({name}: {what} {rollout:.3f} s = {100 * rollout / step:.0f}% of the mean step "
+            f"{step:.3f} s; the rest {step - rollout:.3f} s)"
+        )
+    rest = ours["mean_step_s"] - ours["mean_rollout_s"]
+    print(
+        f"(ratio if our sampling were free: {rest / trl['mean_step_s']:.2f}; our sampling is "
+        f"{trl['mean_rollout_s'] / ours['mean_rollout_s']:.2f}x faster than TRL's model.generate "
+        "in these steps)"
+    )
+
+
+def flop_bound_seconds(args: argparse.Namespace, side: dict, gflops: float) -> tuple[float, float]:
+    """Seconds (sampling, the rest) of one step would take if all their matmul FLOPs ran at
+    `gflops`. Sampling: the forward over prompt and generated tokens. The rest: the reference
+    forward over the same tokens when beta > 0, and the update's forward + backward (+ weight
+    gradients without --lora) over the tokens it computed: all of them for TRL, the rows with a
+    non-zero gradient for ours."""
     rows = args.prompts * args.group_size
     tokens = rows * side["prompt_tokens"] + side["tokens_per_step"]
     update_tokens = tokens if side.get("update_tokens") is None else side["update_tokens"]
     weights = side["linear_weights"]
-    forward = (2 if args.beta else 1) * tokens * 2 * weights
-    update = update_tokens * (4 if args.lora else 6) * weights
-    return (forward + update) / (gflops * 1e9)
+    sampling = tokens * 2 * weights
+    rest = (tokens * 2 * weights if args.beta else 0) + update_tokens * (
+        4 if args.lora else 6
+    ) * weights
+    return sampling / (gflops * 1e9), rest / (gflops * 1e9)
 
 
 def torch_threads() -> int:

@@ -2,7 +2,7 @@
 the time goes" section of benchmarks/README.md.
 
     python benchmarks/profile_step.py rollout [--model embedded] [--case forced|early] [--compile]
-    python benchmarks/profile_step.py step [--beta 0.04] [--micro-batch-tokens 2048]
+    python benchmarks/profile_step.py step [--beta 0.04] [--micro-batch-tokens 2048] [--compile]
 
 `rollout` times `agpo_lab.rollout.generate` on the benchmark batch of bench_rollout.py (the same
 prompts, the same EOS handling per case), splits a rollout's wall time into the one-token forward,
@@ -116,18 +116,20 @@ def profile_train_step(args: argparse.Namespace) -> None:
     config = TrainConfig.from_dict(
         {
             "task": {"name": "arithmetic", "seed": 0},
-            "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0},
+            "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
+                        "compile_decode": args.compile},
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
                           "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
             "optim": {"lr": 1e-5, "warmup_steps": 0,
-                      "micro_batch_tokens": args.micro_batch_tokens or None},
+                      "micro_batch_tokens": args.micro_batch_tokens or None,
+                      "compile_update": args.compile},
             "run": {"steps": 100, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu",
                     "out_dir": tempfile.mkdtemp(prefix="profile_step_")},
         }
     )  # fmt: skip
     trainer = Trainer(config, model=model, tokenizer=tokenizer)
-    for _ in range(2):  # warm-up
+    for _ in range(3 if args.compile else 2):  # warm-up (and the compiles)
         trainer.train_step()
     totals = {"rollout": 0.0, "update": 0.0}
     trainer._rollout = timed(totals, "rollout", trainer._rollout)
@@ -138,7 +140,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
     wall = (time.perf_counter() - start) / steps
     print(
         f"RL step: {args.model or 'embedded'}, 8 prompts x G=8, 64 new tokens, beta {args.beta}, "
-        f"micro_batch_tokens {args.micro_batch_tokens or None}, {torch.get_num_threads()} threads"
+        f"micro_batch_tokens {args.micro_batch_tokens or None}, compiled {args.compile}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(f"mean step {wall:.3f} s over {steps} steps")
     for name, seconds in totals.items():
@@ -155,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="rollout: new tokens")
     parser.add_argument("--case", choices=["forced", "early"], default="forced",
                         help="rollout: every row to the limit, or rows stop at EOS")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="rollout: compile_decode")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="rollout: compile_decode; step: compile_decode and compile_update",
+    )
     parser.add_argument("--beta", type=float, default=0.04, help="step: KL weight")
     parser.add_argument("--micro-batch-tokens", type=int, default=2048,
                         help="step: optim.micro_batch_tokens (0: one pass)")  # fmt: skip

@@ -39,6 +39,10 @@ def test_bench_trainer_quick_prints_ratios():
     ), out
     assert re.search(r"^machine limit: dense matmul \d+\.\d GFLOP/s", out, flags=re.MULTILINE)
     assert len(re.findall(r"FLOP-bound step \d+\.\d+ s .* -> \d+% of the limit", out)) == 2
+    for side, what in (("agpo_lab", "sampling \\+ rewards"), ("TRL 1.16", "model.generate")):
+        pattern = rf"^\({side}: {what} \d+\.\d+ s = \d+% of the mean step \d+\.\d+ s; the rest"
+        assert re.search(pattern, out, flags=re.MULTILINE), out
+    assert re.search(r"^\(ratio if our sampling were free: \d+\.\d+;", out, re.MULTILINE), out
 
 
 def test_flop_limit_counts_linear_weights_and_passes():
