@@ -283,6 +283,12 @@ class OptimizerConfig(Settings):
     """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
     Rollouts, evaluation and checkpoints use the plain model."""
+    share_prompts: bool = True
+    """The G completions of a group share one forward of their prompt in the update and in the
+    reference pass (`rollout.logprobs.shared_prompt_logits`): P + G C tokens instead of G (P + C),
+    the same gradient up to float rounding. Applies to Llama-family models on one process without
+    compile_update or activation checkpointing; elsewhere (and with false) every row computes its
+    own prompt."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

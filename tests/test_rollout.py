@@ -232,10 +232,27 @@ def test_finished_rows_stay_until_they_are_a_quarter_of_the_batch(tok):
     model = tiny_model(tok, eos_bias=1.0)
     batch_sizes, lengths = _decode_batch_sizes(model, tok, PROMPTS * 4)  # rows finish one by one
     running = [(lengths > step).sum().item() for step in range(1, int(lengths.max()))]
+    assert batch_sizes[0] == len(set(PROMPTS))  # each distinct prompt is prefilled once
+    batch_sizes = batch_sizes[1:]
     assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 4 * len(PROMPTS)
     assert any(size > run for size, run in zip(batch_sizes[1:], running)), "none stayed"
-    for size, run in zip(batch_sizes[1:], running):
+    for size, run in zip(batch_sizes, running):
         assert run <= size and size - run <= decode.COMPACT_FRACTION * size
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_a_group_s_rows_share_one_prefill_and_sample_on_their_own(tok, monkeypatch, fast_decode):
+    model = tiny_model(tok, eos_bias=2.5)
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]  # 3 groups of G = 4
+    monkeypatch.setattr(decode, "COMPACT_FRACTION", 1.0)  # finished rows stay: all 12 decode
+    batch_sizes, _ = _decode_batch_sizes(model, tok, prompts, fast_decode=fast_decode)
+    assert batch_sizes[0] == 3 and set(batch_sizes[1:]) == {len(prompts)}
+    cfg = RolloutConfig(max_new_tokens=12, fast_decode=fast_decode)
+    r = generate(model, tok, prompts, cfg, generator=torch.Generator().manual_seed(3))
+    assert len({tuple(row.tolist()) for row in r.completion_ids[:4]}) > 1  # different samples
+    recomputed = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                     r.completion_mask)  # fmt: skip
+    torch.testing.assert_close(recomputed, r.logprobs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])

@@ -15,16 +15,41 @@ from agpo_lab.training.trainer import Trainer
 from tests.conftest import ParityTask, comparable, make_config
 
 
+def as_lists(chunks: list[torch.Tensor]) -> list[list[int]]:
+    return [c.tolist() for c in chunks]
+
+
 def test_micro_batches_sort_by_length_and_pack_to_a_budget():
     rows, prompts = torch.arange(4), torch.ones(4, dtype=torch.long)
     completions = torch.tensor([4, 8, 5, 7])
-    as_lists = lambda chunks: [c.tolist() for c in chunks]  # noqa: E731
     assert as_lists(micro_batches(rows, prompts, completions, 2)) == [[0, 2], [3, 1]]
     assert as_lists(micro_batches(rows, prompts, completions, 1, 12)) == [[0, 2], [3], [1]]
     assert as_lists(micro_batches(rows, prompts, completions, 9)) == [[0], [2], [3], [1]]
     assert as_lists(micro_batches(rows, prompts, completions, 1, 1)) == [[0], [2], [3], [1]]
     assert as_lists(micro_batches(torch.tensor([3, 1]), prompts, completions, 1, 100)) == [[3, 1]]
     assert micro_batches(torch.tensor([], dtype=torch.long), prompts, completions, 2) == []
+    prompts, one_prompt = torch.full((4,), 4), torch.zeros(4, dtype=torch.long)
+    assert as_lists(micro_batches(rows, prompts, completions, 1, 20)) == [[0, 2], [3], [1]]
+    shared = micro_batches(rows, prompts, completions, 1, 20, one_prompt)
+    assert as_lists(shared) == [[0, 2], [3, 1]]  # docstring example: 4 + 2 x 8 = 20
+
+
+def test_micro_batches_order_rows_by_prompt_when_that_computes_fewer_tokens():
+    rows, groups = torch.arange(4), torch.tensor([0, 1, 0, 1])
+    prompts, completions = torch.full((4,), 6), torch.tensor([1, 1, 2, 2])
+    # by length: [0, 1] (2 prompts: 12 + 2 x 1) and [2, 3] (12 + 2 x 2): 30 tokens;
+    # by prompt: [0, 2] and [1, 3], 6 + 2 x 2 each: 20 tokens
+    assert as_lists(micro_batches(rows, prompts, completions, 1, 16, groups)) == [[0, 2], [1, 3]]
+    assert as_lists(micro_batches(rows, prompts, completions, 1, 16)) == [[0, 1], [2, 3]]
+    # lengths that differ within a prompt: by length packs as tightly, in fewer passes
+    groups, prompts, completions = (
+        torch.tensor([0, 0, 1, 1]),
+        torch.ones(4),
+        torch.tensor([1, 8, 1, 8]),
+    )
+    assert as_lists(micro_batches(rows, prompts.long(), completions, 1, 10, groups)) == [
+        [0, 2], [1], [3]
+    ]  # fmt: skip
 
 
 def test_trimmed_rows_give_the_same_logprobs(char_tokenizer):
@@ -92,11 +117,13 @@ def _plain_gradient(trainer: Trainer, batch: RowBatch) -> list[torch.Tensor]:
         ["algorithm.aggregation=token_mean", "optim.micro_batch_tokens=60"],
         ["algorithm.aggregation=seq_mean_token_sum_norm", "optim.grad_accumulation=2"],
         ["algorithm.zero_variance=drop", "optim.micro_batch_tokens=50"],
+        ["optim.share_prompts=false", "optim.micro_batch_tokens=40"],
     ],
 )
 def test_update_gradient_equals_the_plain_full_batch_gradient(tiny_model_dir, tmp_path, overrides):
     cfg = make_config(tiny_model_dir, tmp_path, "optim.max_grad_norm=0", *overrides)
     trainer = Trainer(cfg, task=ParityTask())
+    assert trainer._share_prompts == ("optim.share_prompts=false" not in overrides)
     batch, _ = trainer._rollout(trainer.problems[:4])  # problems 0 and 3: always solved
     assert (batch.advantages == 0).sum() >= 8 and (batch.advantages != 0).any()
     assert len(set(batch.completion_mask.sum(1).tolist())) > 1  # rows of different lengths

@@ -1,7 +1,8 @@
 """The decoding loop: G completions per prompt with a KV cache, their log-probs and entropies.
 
-`generate` calls the model's forward directly: prefill the left-padded prompts once, then one token
-per step from the KV cache. Rows that have emitted EOS leave the active batch (their cache rows are
+`generate` calls the model's forward directly: prefill the left-padded prompts once (each distinct
+prompt once: the G rows of a group share its keys and values), then one token per step from the KV
+cache. Rows that have emitted EOS leave the active batch (their cache rows are
 selected out once they are more than a quarter of it), so the late tokens of long completions cost
 only the unfinished rows; the cache is preallocated (`kv_cache`) so a step writes its keys in
 place. For Llama-family models the prefill and the one-token steps are `fast_decode`'s lean
@@ -21,7 +22,13 @@ import torch
 from agpo_lab.config import RolloutConfig
 from agpo_lab.rollout.fast_decode import FastDecoder, compiled
 from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
-from agpo_lab.rollout.inputs import eval_mode, left_pad, positions_from_mask, stop_token_ids
+from agpo_lab.rollout.inputs import (
+    distinct_prompts,
+    eval_mode,
+    left_pad,
+    positions_from_mask,
+    stop_token_ids,
+)
 from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
 from agpo_lab.rollout.sampling import sample_next_token
 
@@ -97,16 +104,21 @@ def _decode(
     active = rows  # original index of each live row
     # The attention mask of every step is a prefix of this one (generated tokens are never padding).
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, steps)], dim=1)
-    position = positions_from_mask(prompt_mask)
+    # Each distinct prompt is prefilled once (a group's G rows share theirs), then its keys,
+    # values and last logits are repeated to its rows.
+    distinct_ids, distinct_mask, inverse = distinct_prompts(prompt_ids, prompt_mask)
+    if len(distinct_ids) == batch:  # keep the rows in their order
+        distinct_ids, distinct_mask, inverse = prompt_ids, prompt_mask, None
+    distinct_positions = positions_from_mask(distinct_mask)
     fast = cfg.fast_decode and fast_decode_supported(model)
     if fast:  # FastDecoder compiles its own step when asked
         runner, forward = FastDecoder(model, compile=cfg.compile_decode), _fast_forward
-        logits, cache = runner.prefill(prompt_ids, prompt_mask, position, steps)
+        logits, cache = runner.prefill(distinct_ids, distinct_mask, distinct_positions, steps)
     else:
         out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=position,
+            input_ids=distinct_ids,
+            attention_mask=distinct_mask,
+            position_ids=distinct_positions,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -114,7 +126,10 @@ def _decode(
         preallocate(cache, steps)
         logits = out.logits[:, -1]
         runner, forward = (model, cache_kwarg(model)), _forward
-    position = position[:, -1]
+    position = distinct_positions[:, -1]
+    if inverse is not None:
+        cache.batch_select_indices(inverse)
+        logits, position = logits[inverse], position[inverse]
     compile_forward = cfg.compile_decode and not fast
     for step in range(steps):
         tokens, logprobs, entropy = sample_next_token(

@@ -24,6 +24,21 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def distinct_prompts(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [u, P], mask [u, P], inverse [B]): the u distinct rows of a left-padded prompt batch
+    and, for each row, the index of its distinct prompt (rows of one group share one).
+
+    Example: ids [[5, 6], [5, 6], [0, 7]], mask [[1, 1], [1, 1], [0, 1]] -> ids [[0, 7], [5, 6]],
+    mask [[0, 1], [1, 1]], inverse [1, 1, 0] (distinct rows come out sorted).
+    """
+    width = prompt_ids.shape[1]
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    return distinct[:, :width], distinct[:, width:].to(prompt_mask.dtype), inverse
+
+
 def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     """EOS ids that end a completion: the tokenizer's EOS plus the model's generation-config EOS."""
     ids = {tokenizer.eos_token_id}

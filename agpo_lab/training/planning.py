@@ -13,7 +13,8 @@ mini-batch shuffle): the trainer's update loop then only executes the plan. Thre
 - **Micro-batches of similar length.** The computed rows are sorted by length and split into
   micro-batches (`micro_batches`); each pass's loss is weighted by its share of the mini-batch's
   weight (a row's weight: 1 per active row, or its tokens under token_mean), so the gradient equals
-  the plain full-batch gradient (tests/test_update.py checks it).
+  the plain full-batch gradient (tests/test_update.py checks it). When the passes compute each
+  distinct prompt once, a group's rows stay together and its prompt counts once in the budget.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from agpo_lab.rollout.inputs import distinct_prompts
 from agpo_lab.training.batch import RowBatch
 
 
@@ -76,6 +78,7 @@ def plan_update(
     compute_all_rows: bool = False,
     sum_over_processes: Callable[[float], float] = _identity,
     max_over_processes: Callable[[float], float] = _identity,
+    share_prompts: bool = False,
 ) -> UpdatePlan:
     """The optimizer steps of one update of `batch` (see the module docstring).
 
@@ -84,7 +87,8 @@ def plan_update(
     (DAPO's token_mean aggregation), else 1. generator: draws one permutation per epoch when a
     mini-batch holds fewer rows than the batch. compute_all_rows, sum_over_processes,
     max_over_processes: what DDP needs (every process computes every row, agrees whether a
-    mini-batch has weight anywhere, and runs as many passes as the busiest one).
+    mini-batch has weight anywhere, and runs as many passes as the busiest one). share_prompts:
+    the passes compute each distinct prompt once (`micro_batches`' prompt_groups).
 
     Example: one group of G=4 with advantages [1, -1, 0, 0], beta 0, one epoch, one mini-batch,
     grad_accumulation 2 -> one step of two passes, one holding row 0 and one row 1, each with
@@ -93,9 +97,10 @@ def plan_update(
     rows = batch.advantages.numel()
     device = batch.advantages.device
     prompt_lengths, completion_lengths = batch.row_lengths()
+    groups = distinct_prompts(batch.prompt_ids, batch.prompt_mask)[2] if share_prompts else None
 
     def split(ids: Tensor, count: int) -> list[Tensor]:
-        return micro_batches(ids, prompt_lengths, completion_lengths, count, token_budget)
+        return micro_batches(ids, prompt_lengths, completion_lengths, count, token_budget, groups)
 
     row_weight = batch.loss_mask.sum(1) if token_mean else batch.active.float()
     computed = batch.active & ((batch.advantages != 0) | (beta > 0))
@@ -113,7 +118,7 @@ def plan_update(
             chunks = split(ids[computed[ids]], grad_accumulation)
             if compute_all_rows and token_budget:  # as many passes on every process
                 most = int(max_over_processes(len(chunks)))
-                chunks = micro_batches(ids, prompt_lengths, completion_lengths, most)
+                chunks = micro_batches(ids, prompt_lengths, completion_lengths, most, None, groups)
             total = total.clamp(min=1e-9)
             passes = [MicroBatch(c, (row_weight[c].sum() / total).item()) for c in chunks]
             plan.steps.append(OptimizerStep(epoch, epoch == 0 and start == 0, passes))
@@ -126,6 +131,7 @@ def micro_batches(
     completion_lengths: Tensor,
     count: int,
     token_budget: int | None = None,
+    prompt_groups: Tensor | None = None,
 ) -> list[Tensor]:
     """Split one mini-batch's row indices into micro-batches of rows of similar length.
 
@@ -137,19 +143,58 @@ def micro_batches(
     ignored. prompt_lengths / completion_lengths are indexed by row id.
     Example: rows [0, 1, 2, 3], prompts all 1, completions [4, 8, 5, 7]: count 2 ->
     [[0, 2], [3, 1]]; token_budget 12 -> [[0, 2], [3], [1]] (3 rows of width 8 would be 24).
+
+    `prompt_groups` (row id -> id of its prompt) is for passes that compute each distinct prompt
+    once (`logprobs.shared_prompt_logits`): a pass then costs its distinct prompts x longest prompt
+    + rows x longest completion, and rows may also be ordered by prompt (prompts by their longest
+    row, rows by length within one) so that a prompt's rows share a pass; whichever order packs
+    into fewer computed tokens, padding included, is used. Example: the rows above with prompts of
+    4 tokens and token_budget 20 -> [[0, 2], [3], [1]] (3 x (4 + 8) = 24 is over); as one shared
+    prompt -> [[0, 2], [3, 1]] (4 + 2 x 8 = 20).
     """
     if rows.numel() == 0:
         return []
-    rows = rows[(prompt_lengths[rows] + completion_lengths[rows]).argsort(stable=True)]
-    if token_budget is None:
-        return list(rows.tensor_split(min(count, rows.numel())))
-    chunks, start, longest_prompt, longest_completion = [], 0, 0, 0
-    for i, (p, c) in enumerate(
-        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist())
+    total = prompt_lengths + completion_lengths
+    by_length = rows[total[rows].argsort(stable=True)]
+    orders = [by_length]
+    if prompt_groups is not None:  # by prompt, prompts by their longest row (stable sorts)
+        longest = torch.zeros_like(total).scatter_reduce(0, prompt_groups, total, "amax")
+        by_prompt = by_length[prompt_groups[by_length].argsort(stable=True)]
+        orders.append(by_prompt[longest[prompt_groups[by_prompt]].argsort(stable=True)])
+    groups = prompt_groups if prompt_groups is not None else torch.arange(len(total))
+    packings = []
+    for order in orders:
+        if token_budget is None:
+            chunks = list(order.tensor_split(min(count, order.numel())))
+        else:
+            chunks = _pack(order, prompt_lengths, completion_lengths, groups, token_budget)
+        cost = sum(_pass_tokens(c, prompt_lengths, completion_lengths, groups) for c in chunks)
+        packings.append((cost, len(chunks), chunks))
+    return min(packings, key=lambda packing: packing[:2])[2]
+
+
+def _pass_tokens(rows: Tensor, prompt_lengths: Tensor, completion_lengths: Tensor, groups) -> int:
+    """Tokens one pass computes, padding included: distinct prompts x longest prompt + rows x
+    longest completion (every row its own prompt when groups are the row ids)."""
+    prompts = len(set(groups[rows].tolist()))
+    longest_prompt, longest_completion = prompt_lengths[rows].max(), completion_lengths[rows].max()
+    return int(prompts * longest_prompt + len(rows) * longest_completion)
+
+
+def _pack(
+    rows: Tensor, prompt_lengths: Tensor, completion_lengths: Tensor, groups: Tensor, budget: int
+) -> list[Tensor]:
+    """Consecutive `rows` packed while a pass's `_pass_tokens` stays within `budget` (at least one
+    row per pass)."""
+    chunks, start, seen, longest_prompt, longest_completion = [], 0, set(), 0, 0
+    for i, (p, c, group) in enumerate(
+        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist(), groups[rows].tolist())
     ):
         p, c = max(longest_prompt, p), max(longest_completion, c)
-        if i > start and (i - start + 1) * (p + c) > token_budget:
+        if i > start and len(seen | {group}) * p + (i - start + 1) * c > budget:
             chunks.append(rows[start:i])
-            start, (p, c) = i, (prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item())
+            start, seen = i, set()
+            p, c = prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item()
+        seen.add(group)
         longest_prompt, longest_completion = p, c
     return [*chunks, rows[start:]]

@@ -35,8 +35,10 @@ class ReferencePolicy:
         completion_mask: Tensor,
         *,
         temperature: float = 1.0,
+        share_prompts: bool = False,
     ) -> Tensor:
-        """Reference log-probs [B, C] of the completion tokens (0 on padding), without gradients."""
+        """Reference log-probs [B, C] of the completion tokens (0 on padding), without gradients;
+        share_prompts as in `completion_logprobs`."""
         adapters_off = self.model.disable_adapter() if self.disable_adapters else nullcontext()
         with eval_mode(self.model), adapters_off:
             return completion_logprobs(
@@ -46,6 +48,7 @@ class ReferencePolicy:
                 completion_ids,
                 completion_mask,
                 temperature=temperature,
+                share_prompts=share_prompts,
             )
 
 
@@ -69,16 +72,23 @@ def load_reference(
 
 
 def reference_logprobs(
-    reference: ReferencePolicy | None, batch: RowBatch, chunks: list[Tensor], temperature: float
+    reference: ReferencePolicy | None,
+    batch: RowBatch,
+    chunks: list[Tensor],
+    temperature: float,
+    share_prompts: bool = False,
 ) -> Tensor | None:
     """Frozen reference log-probs [B, C] of the batch (no gradient), computed over trimmed
-    micro-batches `chunks`; None without a reference (beta = 0)."""
+    micro-batches `chunks` (each distinct prompt once per chunk with share_prompts); None without
+    a reference (beta = 0)."""
     if reference is None:
         return None
     ref = torch.zeros_like(batch.old_logprobs)
     for chunk in chunks:
         logps = reference.logprobs(
-            *batch.select(chunk).trimmed().model_inputs, temperature=temperature
+            *batch.select(chunk).trimmed().model_inputs,
+            temperature=temperature,
+            share_prompts=share_prompts,
         )
         ref[chunk, : logps.shape[1]] = logps
     return ref

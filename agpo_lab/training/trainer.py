@@ -10,7 +10,8 @@ Read `Trainer.train`, `Trainer.train_step` and `Trainer._update` top to bottom. 
        zero_variance=rl_zvp gives them entropy-guided token advantages (RL-ZVP)
     5. the update, as `planning.plan_update` lays it out: mu epochs of mini-batch AdamW steps on the
        clipped surrogate (+ beta * KL), each the sum of length-sorted micro-batch passes over the
-       rows that carry a gradient; gradient clipping; linear warm-up
+       rows that carry a gradient (a group's rows share one forward of their prompt);
+       gradient clipping; linear warm-up
     6. metrics (flushed to metrics.jsonl), periodic evaluation, samples and checkpoints
 
 Every random choice comes from explicit `torch.Generator`s that a checkpoint saves with the weights
@@ -39,6 +40,8 @@ from agpo_lab.errors import ConfigError
 from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import disable_dropout, load_policy
 from agpo_lab.rollout import completion_logprobs, generate
+from agpo_lab.rollout.inputs import distinct_prompts
+from agpo_lab.rollout.logprobs import can_share_prompts
 from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training import faults
@@ -77,11 +80,16 @@ def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def _computed_tokens(batch: RowBatch, plan: UpdatePlan) -> int:
+def _computed_tokens(batch: RowBatch, plan: UpdatePlan, share_prompts: bool) -> int:
     """Prompt + completion tokens (padding excluded) that the update's forward/backward passes
-    went through, summed over its epochs; rows whose gradient is exactly 0 are never computed."""
-    real = batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)
-    return sum(int(real[m.rows].sum()) for step in plan.steps for m in step.micro_batches)
+    went through, summed over its epochs; rows whose gradient is exactly 0 are never computed,
+    and with share_prompts a pass computes each of its distinct prompts once."""
+    total = 0
+    for micro in (m for step in plan.steps for m in step.micro_batches):
+        prompts = batch.prompt_ids[micro.rows], batch.prompt_mask[micro.rows]
+        prompt_masks = distinct_prompts(*prompts)[1] if share_prompts else prompts[1]
+        total += int(prompt_masks.sum() + batch.completion_mask[micro.rows].sum())
+    return total
 
 
 class Trainer:
@@ -148,6 +156,9 @@ class Trainer:
         self._update_forward = (
             torch.compile(self._ddp_policy, dynamic=True) if o.compile_update else self._ddp_policy
         )
+        # One forward per distinct prompt needs the plain module: not through DDP or the compiler.
+        share = o.share_prompts and not procs.distributed and not o.compile_update
+        self._share_prompts = share and can_share_prompts(self.policy.train())
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
         self.state = TrainingState(
             policy=self.policy,
@@ -354,8 +365,10 @@ class Trainer:
             compute_all_rows=procs.distributed,
             sum_over_processes=procs.sum,
             max_over_processes=procs.max,
+            share_prompts=self._share_prompts,
         )
-        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, temperature=T)
+        share = self._share_prompts
+        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share)
         stats = UpdateStats(self._ratio_guard)
         self.policy.train()
         for step in plan.steps:
@@ -365,7 +378,7 @@ class Trainer:
                 last = i == len(step.micro_batches) - 1
                 with procs.sync_gradients_if(last, self._ddp_policy):
                     logps = completion_logprobs(
-                        self._update_forward, *mb.model_inputs, temperature=T
+                        self._update_forward, *mb.model_inputs, temperature=T, share_prompts=share
                     )
                     mb_ref = None if ref is None else ref[micro.rows, : logps.shape[1]]
                     loss, diagnostics = policy_loss(
@@ -399,7 +412,7 @@ class Trainer:
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
         summary = {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
-        return {**summary, "perf/update_tokens": procs.sum(_computed_tokens(batch, plan))}
+        return {**summary, "perf/update_tokens": procs.sum(_computed_tokens(batch, plan, share))}
 
     # ---- evaluation, logging, checkpoints ---------------------------------------------------
 
