@@ -420,7 +420,8 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         )
         print(
             f"(ours: the update computed {ours['update_tokens']:.0f} of {all_tokens:.0f} prompt + "
-            "completion tokens per step; rows whose gradient is exactly 0 are skipped)"
+            "completion tokens per step: rows whose gradient is exactly 0 are skipped, a group's "
+            "rows share one forward of their prompt)"
         )
     print()
     gflops = max(ours["gflops"], trl["gflops"])
@@ -470,8 +471,9 @@ def flop_bound_seconds(args: argparse.Namespace, side: dict, gflops: float) -> t
     """Seconds (sampling, the rest) of one step would take if all their matmul FLOPs ran at
     `gflops`. Sampling: the forward over prompt and generated tokens. The rest: the reference
     forward over the same tokens when beta > 0, and the update's forward + backward (+ weight
-    gradients without --lora) over the tokens it computed: all of them for TRL, the rows with a
-    non-zero gradient for ours."""
+    gradients without --lora) over the tokens it computed: all of them for TRL; for ours the rows
+    with a non-zero gradient, each pass's distinct prompts once. Sampling counts every row's
+    prompt on both sides (ours prefills each distinct prompt once), so it is the work TRL does."""
     rows = args.prompts * args.group_size
     tokens = rows * side["prompt_tokens"] + side["tokens_per_step"]
     update_tokens = tokens if side.get("update_tokens") is None else side["update_tokens"]
