@@ -14,7 +14,8 @@ mini-batch shuffle): the trainer's update loop then only executes the plan. Thre
   micro-batches (`micro_batches`); each pass's loss is weighted by its share of the mini-batch's
   weight (a row's weight: 1 per active row, or its tokens under token_mean), so the gradient equals
   the plain full-batch gradient (tests/test_update.py checks it). When the passes compute each
-  distinct prompt once, a group's rows stay together and its prompt counts once in the budget.
+  distinct prompt once, a prompt counts once per pass in the budget, and a group's rows are kept
+  in one pass when that computes fewer tokens than length order.
 """
 
 from __future__ import annotations
