@@ -419,9 +419,10 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
             args.prompts * args.group_size * ours["prompt_tokens"] + ours["tokens_per_step"]
         )
         print(
-            f"(ours: the update computed {ours['update_tokens']:.0f} of {all_tokens:.0f} prompt + "
-            "completion tokens per step: rows whose gradient is exactly 0 are skipped, a group's "
-            "rows share one forward of their prompt)"
+            f"(ours: the update computed {ours['update_tokens']:.0f} of about {all_tokens:.0f} "
+            "prompt + completion tokens per step (the prompts' mean length x rows + generated): "
+            "rows whose gradient is exactly 0 are skipped, a group's rows share one forward of "
+            "their prompt)"
         )
     print()
     gflops = max(ours["gflops"], trl["gflops"])
