@@ -63,6 +63,7 @@ from agpo_lab.training.metrics import (
     stop_probability,
 )
 from agpo_lab.training.planning import UpdatePlan, plan_update
+from agpo_lab.training.precision import lost_update_warning
 from agpo_lab.training.reference import load_reference, reference_logprobs
 from agpo_lab.training.rewards import group_advantages, shaped_rewards, token_advantages
 from agpo_lab.training.run_dir import RunDir
@@ -148,6 +149,9 @@ class Trainer:
         self.reference = load_reference(self.policy, cfg.model, beta) if beta > 0 else None
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         o = cfg.optim
+        lost_updates = lost_update_warning(self.params, o.lr)
+        if lost_updates is not None and procs.rank == 0:
+            print(lost_updates, file=sys.stderr)
         optimizer = AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         scheduler = LambdaLR(optimizer, linear_warmup(o.warmup_steps))
         # The update runs through the DDP wrapper under accelerate (same parameters as `policy`),
