@@ -3,10 +3,11 @@
 AdamW moves a weight by at most about lr per step. Round-to-nearest drops a change smaller than
 half the spacing between neighbouring values, which near |w| is between |w| eps / 2 and |w| eps
 (eps of the dtype), so in bfloat16 (eps = 2^-7) an update of lr = 1e-6 is lost on every weight
-above 5.1e-4 in magnitude (and on some above half of that):
-full fine-tuning with bfloat16 weights at the usual RL learning rates leaves most weights where
-they were. TRL and verl keep float32 weights for the optimizer for this reason; LoRA adapters are
-float32 here (peft), so only full fine-tuning in low precision is concerned.
+above 5.1e-4 in magnitude (and on some above half of that): full fine-tuning with bfloat16
+weights at the usual RL learning rates leaves most weights where they were. Mixed precision
+avoids it (float32 weights for the optimizer, bfloat16 compute: verl's FSDP default, or the HF
+Trainer's bf16=True on a float32 model); LoRA adapters are float32 here (peft), so only full
+fine-tuning in low precision is concerned.
 """
 
 from __future__ import annotations
