@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -35,6 +38,26 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         ReproduceConfig(base_config=str(tmp_path / "nope.yaml"))
     with pytest.raises(ValueError, match="seeds"):
         ReproduceConfig(seeds=())
+
+
+def test_a_rerun_with_other_settings_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    base = tmp_path / "base.yaml"
+    base.write_text(Path(ReproduceConfig().base_config).read_text())
+    cfg = ReproduceConfig(out_dir=str(tmp_path), base_config=str(base), methods=("grpo",),
+                          seeds=(0,), quick=True, docs=False)  # fmt: skip
+    jobs = reproduce.plan_jobs(cfg)
+    for job in jobs:  # what `_start` records when a job first starts
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / reproduce.SETTINGS_FILE).write_text(json.dumps(reproduce.job_settings(job)))
+    root = tmp_path / "embedded-quick"
+    reproduce.check_settings(jobs, root)  # the same settings: fine
+    more = reproduce.plan_jobs(dataclasses.replace(cfg, overrides=("optim.lr=1e-4",)))
+    with pytest.raises(ValueError, match=r"seed0 holds a run made with another overrides; move"):
+        reproduce.check_settings(more, root)
+    base.write_text(base.read_text() + "\n# edited\n")
+    monkeypatch.setattr(reproduce, "_run_jobs", lambda *a: pytest.fail("a job was started"))
+    with pytest.raises(ValueError, match="another base_config; move .*embedded-quick aside"):
+        reproduce.reproduce(cfg, progress=False)
 
 
 def test_summary_statistics_by_hand():

@@ -11,7 +11,9 @@ evaluated too, as a reference row. Runs are independent processes (two at a time
 thread each), so a run's numbers depend only on its method and seed. Only a run that trained to its
 last step and was evaluated gets a `result.json`, the mark of a complete run; a rerun skips
 complete runs and resumes the others from their last checkpoint, so after Ctrl-C (or SIGTERM) the
-same command continues where it stopped. Output lands in results/<name>/: summary.csv,
+same command continues where it stopped. Each run records what it was made with (settings.json:
+the base config's text and the overrides); a rerun with other settings into the same folder is a
+one-line error before anything runs, instead of reusing runs that no longer match. Output lands in results/<name>/: summary.csv,
 summary.md, per-run folders (config, metrics.jsonl, eval records, run.log) and PNG figures.
 """
 
@@ -87,6 +89,33 @@ EXIT_INTERRUPTED = 3
 """A job process's exit status when its training stopped before the end (resumable)."""
 
 
+SETTINGS_FILE = "settings.json"
+"""What a run was made with (`job_settings`), written when its job first starts."""
+
+
+def job_settings(job: Job) -> dict:
+    """What defines a job's numbers: the base config's text and the overrides (method, budget,
+    user). Threads and paths are left out; so is the package version (an upgrade keeps runs)."""
+    return {"base_config": Path(job.base_config).read_text(), "overrides": list(job.overrides)}
+
+
+def check_settings(jobs: list[Job], root: Path) -> None:
+    """A one-line ConfigError when a run folder holds a run made with other settings, which a
+    rerun would otherwise skip (complete) or resume (partial) under the new ones."""
+    for job in jobs:
+        try:
+            saved = json.loads((job.run_dir / SETTINGS_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # a new run, or one from before settings were recorded
+        now = job_settings(job)
+        changed = [key for key in now if saved.get(key) != now[key]]
+        if changed:
+            raise ConfigError(
+                f"{job.run_dir} holds a run made with another {' and '.join(changed)}; move "
+                f"{root} aside or pass --name NEW to keep both"
+            )
+
+
 def job_result(job: Job) -> dict | None:
     """The job's result.json when the job is complete; None when it is not (or the file is
     unreadable, in which case the job runs again: a resumed run finishes at once)."""
@@ -111,6 +140,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
     lock = FolderLock(root)
     lock.acquire("--name or --out-dir")  # one reproduce per results folder at a time
     try:
+        check_settings(jobs, root)
         write_file(root / "reproduce.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
         outcome = _run_jobs(jobs, cfg.jobs, progress)
     finally:
@@ -202,6 +232,8 @@ def _start(job: Job) -> subprocess.Popen:
     evaluates never leaves a half-written result.
     """
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    if not (job.run_dir / SETTINGS_FILE).exists():  # a resumed run keeps its first record
+        write_file(job.run_dir / SETTINGS_FILE, json.dumps(job_settings(job), indent=1).encode())
     spec = json.dumps({**dataclasses.asdict(job), "run_dir": str(job.run_dir)})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
