@@ -13,8 +13,9 @@ last step and was evaluated gets a `result.json`, the mark of a complete run; a 
 complete runs and resumes the others from their last checkpoint, so after Ctrl-C (or SIGTERM) the
 same command continues where it stopped. Each run records what it was made with (settings.json:
 the base config's text and the overrides); a rerun with other settings into the same folder is a
-one-line error before anything runs, instead of reusing runs that no longer match. Output lands in results/<name>/: summary.csv,
-summary.md, per-run folders (config, metrics.jsonl, eval records, run.log) and PNG figures.
+one-line error before anything runs, instead of reusing runs that no longer match. Output lands
+in results/<name>/: summary.csv, summary.md, per-run folders (config, settings, metrics.jsonl,
+eval records, run.log) and PNG figures.
 """
 
 from __future__ import annotations
