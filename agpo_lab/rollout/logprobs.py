@@ -93,7 +93,7 @@ def completion_logprobs(
     """
     temperature = 1.0 if temperature == 0 else temperature
     width = completion_ids.shape[1]
-    if share_prompts and _repeats_a_prompt(prompt_ids, prompt_mask) and can_share_prompts(model):
+    if share_prompts and can_share_prompts(model) and _repeats_a_prompt(prompt_ids, prompt_mask):
         logits = shared_prompt_logits(
             model, prompt_ids, prompt_mask, completion_ids, completion_mask
         )
