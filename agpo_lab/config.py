@@ -276,9 +276,11 @@ class OptimizerConfig(Settings):
     """Micro-batches each mini-batch is split into (memory knob; the update is the same). Rows
     are sorted by length first and each micro-batch is trimmed to its longest row."""
     micro_batch_tokens: int | None = None
-    """Token budget per micro-batch instead of a fixed count: length-sorted rows are packed while
-    rows x (longest prompt + completion) stays within it (verl's dynamic batch size); less
-    padding, so a faster update; the update is the same. None: grad_accumulation micro-batches."""
+    """Token budget per micro-batch instead of a fixed count: length-sorted rows are grouped while
+    the tokens their pass computes, padding included, stay within it (rows x (longest prompt +
+    completion) for a padded pass; fewer when it shares prompts or packs rows); verl's dynamic
+    batch size: less padding, so a faster update; the update is the same. None:
+    grad_accumulation micro-batches."""
     compile_update: bool = False
     """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
@@ -289,6 +291,12 @@ class OptimizerConfig(Settings):
     the same gradient up to float rounding. Applies to Llama-family models on one process without
     compile_update or activation checkpointing; elsewhere (and with false) every row computes its
     own prompt."""
+    pack_rows: bool = True
+    """Padding-free passes in the update and in the reference pass (`rollout.packing`): rows laid
+    end to end with restarting position ids, so a pass computes about its real tokens instead of
+    rows x (longest prompt + completion); the same gradient up to float rounding. Llama-family
+    models only. Each pass takes the cheapest of padded, shared-prompt and packed
+    (`rollout.logprobs.pass_layout`); false: never packed."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

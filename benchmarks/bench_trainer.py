@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="ours: optim.compile_update=true (torch.compile of the update's forward/backward)",
     )
+    p.add_argument(
+        "--no-pack-rows",
+        dest="pack_rows",
+        action="store_false",
+        help="ours: optim.pack_rows=false (no padding-free passes; for an A/B of that option)",
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -333,7 +339,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
             "optim": {"lr": args.lr, "warmup_steps": 0, "max_grad_norm": 1.0,
                       "mini_batch_size": None, "grad_accumulation": 1,
                       "micro_batch_tokens": args.micro_batch_tokens,
-                      "compile_update": args.compile_update},
+                      "compile_update": args.compile_update, "pack_rows": args.pack_rows},
             "run": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts,
                     "seed": 0, "out_dir": str(out_dir), "name": Path(args.result).stem, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu"},
@@ -351,6 +357,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         "reward": [m["reward/mean"] for m in logged],
         "rollout_seconds": [m["perf/rollout_seconds"] for m in logged],
         "update_tokens": [m["perf/update_tokens"] for m in logged],
+        "update_padded_tokens": [m["perf/update_padded_tokens"] for m in logged],
     }
 
 
@@ -369,6 +376,7 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
     tokens = [x for r in rounds for x in r["tokens_per_step"][warmup:]]
     first = rounds[0]
     update = [x for r in rounds for x in r.get("update_tokens", [])[warmup:]]
+    padded = [x for r in rounds for x in r.get("update_padded_tokens", [])[warmup:]]
     return {
         "gflops": max(r["gflops"] for r in rounds),
         "linear_weights": first["linear_weights"],
@@ -378,6 +386,7 @@ def summarize(rounds: list[dict], warmup: int) -> dict[str, float]:
         "tokens_per_step": statistics.mean(tokens),
         # TRL computes every row; ours skips rows whose gradient is exactly 0
         "update_tokens": statistics.mean(update) if update else None,
+        "update_padded_tokens": statistics.mean(padded) if padded else None,
         "ms_per_token": 1000 * sum(seconds) / max(sum(tokens), 1e-9),
         "max_rss_mb": max(r["max_rss_mb"] for r in rounds),
         "reward": statistics.mean(x for r in rounds for x in r["reward"][warmup:]),
@@ -420,9 +429,10 @@ def print_report(args: argparse.Namespace, model_desc: str, ours: dict, trl: dic
         )
         print(
             f"(ours: the update computed {ours['update_tokens']:.0f} of about {all_tokens:.0f} "
-            "prompt + completion tokens per step (the prompts' mean length x rows + generated): "
-            "rows whose gradient is exactly 0 are skipped, a group's rows share one forward of "
-            "their prompt)"
+            "prompt + completion tokens per step (the prompts' mean length x rows + generated), "
+            f"{ours['update_padded_tokens']:.0f} with padding: rows whose gradient is exactly 0 "
+            "are skipped, a pass shares a group's prompt or packs rows without padding where "
+            "that computes fewer tokens)"
         )
     print()
     gflops = max(ours["gflops"], trl["gflops"])
@@ -521,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
             *(["--lora"] if args.lora else []),
             *(["--compile-decode"] if args.compile_decode else []),
             *(["--compile-update"] if args.compile_update else []),
+            *([] if args.pack_rows else ["--no-pack-rows"]),
         ]  # fmt: skip
         results: dict[str, list[dict]] = {"ours": [], "trl": []}
         for round_index in range(args.rounds):  # alternate sides so load drift hits both

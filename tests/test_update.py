@@ -118,12 +118,15 @@ def _plain_gradient(trainer: Trainer, batch: RowBatch) -> list[torch.Tensor]:
         ["algorithm.aggregation=seq_mean_token_sum_norm", "optim.grad_accumulation=2"],
         ["algorithm.zero_variance=drop", "optim.micro_batch_tokens=50"],
         ["optim.share_prompts=false", "optim.micro_batch_tokens=40"],
+        ["optim.pack_rows=false", "optim.micro_batch_tokens=40"],
+        ["optim.share_prompts=false", "optim.pack_rows=false", "optim.grad_accumulation=2"],
     ],
 )
 def test_update_gradient_equals_the_plain_full_batch_gradient(tiny_model_dir, tmp_path, overrides):
     cfg = make_config(tiny_model_dir, tmp_path, "optim.max_grad_norm=0", *overrides)
     trainer = Trainer(cfg, task=ParityTask())
     assert trainer._share_prompts == ("optim.share_prompts=false" not in overrides)
+    assert trainer._pack_rows == ("optim.pack_rows=false" not in overrides)
     batch, _ = trainer._rollout(trainer.problems[:4])  # problems 0 and 3: always solved
     assert (batch.advantages == 0).sum() >= 8 and (batch.advantages != 0).any()
     assert len(set(batch.completion_mask.sum(1).tolist())) > 1  # rows of different lengths

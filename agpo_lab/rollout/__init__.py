@@ -4,7 +4,8 @@
     completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 decode.py is the loop; sampling.py draws tokens; kv_cache.py and fast_decode.py make a decode step
-cheap; inputs.py pads prompts; logprobs.py recomputes log-probs for the loss.
+cheap; inputs.py pads prompts; logprobs.py recomputes log-probs for the loss (packing.py lays rows
+out without padding for it).
 """
 
 from agpo_lab.rollout.decode import Rollout, generate

@@ -6,16 +6,23 @@ each distinct prompt goes through the network once, its keys and values are repe
 and the completions run on top of them (`shared_prompt_logits`). The logits are the same up to
 float rounding, and so is the gradient: autograd sums the rows' gradients into the one prompt
 pass. With a prompt of P tokens, G completions of C cost P + G C tokens instead of G (P + C).
+
+With `pack_rows`, rows are laid end to end without padding (`packing`): a pass costs about its real
+tokens instead of rows x (longest prompt + longest completion). A pass takes whichever of the
+three layouts (padded, shared, packed) computes the fewest tokens (`pass_layout`); the planner
+(`training.planning`) budgets its passes with the same count.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import masking_utils
 
 from agpo_lab.rollout.fast_decode import supported as llama_family
 from agpo_lab.rollout.inputs import distinct_prompts, positions_from_mask
 from agpo_lab.rollout.kv_cache import cache_kwarg
+from agpo_lab.rollout.packing import packed_inputs, packed_shape
 
 LOGPROB_CHUNK_ELEMENTS = 2**24
 """Float32 logits (rows x tokens x vocabulary) turned into log-probs at once in the loss forward."""
@@ -29,6 +36,73 @@ def can_share_prompts(model: torch.nn.Module) -> bool:
     name = "is_activation_checkpointing"  # transformers 5; earlier: is_gradient_checkpointing
     name = name if hasattr(base, name) else "is_gradient_checkpointing"
     return llama_family(model) and not (model.training and getattr(base, name, False))
+
+
+def can_pack_rows(model: torch.nn.Module) -> bool:
+    """Whether a packed pass (`packing`) computes what a padded one does: Llama-family models with
+    full attention, whose transformers forward turns restarting position ids into sequence
+    boundaries (activation checkpointing included; through a DDP wrapper too)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return llama_family(model) and hasattr(masking_utils, "find_packed_sequence_indices")
+
+
+def pass_layout(
+    prompt_lengths: list[int],
+    completion_lengths: list[int],
+    prompt_groups: list[int] | None = None,
+    pack: bool = False,
+) -> tuple[str, int]:
+    """(layout, tokens) of the cheapest pass over rows with these real prompt and completion
+    lengths, counting the tokens it computes, padding included:
+
+        "padded"  rows x (longest prompt + longest completion)
+        "shared"  (prompt_groups: row -> its prompt) distinct prompts x longest prompt
+                  + rows x longest completion
+        "packed"  (pack) packed rows x width (`packing.packed_shape`)
+
+    Ties go to the plainer layout, in that order.
+    Example: prompts [4, 4], completions [8, 2], one prompt: padded 2 x 12 = 24, shared 4 + 2 x 8
+    = 20, packed: lengths 11 and 5 in width 11 -> 2 x 11 = 22; -> ("shared", 20).
+    """
+    rows, longest = len(prompt_lengths), max(completion_lengths)
+    costs = [("padded", rows * (max(prompt_lengths) + longest))]
+    if prompt_groups is not None:
+        costs.append(("shared", len(set(prompt_groups)) * max(prompt_lengths) + rows * longest))
+    if pack:
+        packed_rows, width = packed_shape(prompt_lengths, completion_lengths)
+        costs.append(("packed", packed_rows * width))
+    return min(costs, key=lambda cost: cost[1])  # min keeps the first of equals
+
+
+def choose_layout(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    share_prompts: bool,
+    pack_rows: bool,
+) -> str:
+    """`pass_layout`'s choice for this pass (share_prompts / pack_rows: the layouts allowed)."""
+    if not (share_prompts or pack_rows):
+        return "padded"
+    groups = distinct_prompts(prompt_ids, prompt_mask)[2].tolist() if share_prompts else None
+    prompts, completions = prompt_mask.sum(1).tolist(), (completion_mask > 0).sum(1).tolist()
+    return pass_layout(prompts, completions, groups, pack_rows)[0]
+
+
+def packed_logits(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits [B, C, V] that predict each completion token, from one padding-free pass
+    (`packing.packed_inputs`); on padding, the logits of some other position (masked later)."""
+    ids, positions, index = packed_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    return logits.flatten(0, 1)[index]
 
 
 def shared_prompt_logits(
@@ -80,6 +154,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     share_prompts: bool = False,
+    pack_rows: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, C] of `completion_ids` after the prompts, in one forward pass.
 
@@ -88,15 +163,22 @@ def completion_logprobs(
     distribution, -sum_v p_v log p_v, without gradients (a metric; keeping its graph would hold
     one more fp32 [C, V] tensor per row). Log-prob gradients flow unless under no_grad. Matches
     `Rollout.logprobs` (to ~1e-5 in fp32) when the model is in eval mode, as during the rollout.
-    `share_prompts`: rows with the same prompt share its forward (`shared_prompt_logits`) when
-    some do and the model allows it (`can_share_prompts`); the same log-probs up to rounding.
+    `share_prompts`: rows with the same prompt may share its forward (`shared_prompt_logits`),
+    `pack_rows`: rows may be packed without padding (`packed_logits`), where the model allows it
+    (`can_share_prompts`, `can_pack_rows`) and `pass_layout` finds it cheaper; the same log-probs
+    up to float rounding.
     """
     temperature = 1.0 if temperature == 0 else temperature
     width = completion_ids.shape[1]
-    if share_prompts and can_share_prompts(model) and _repeats_a_prompt(prompt_ids, prompt_mask):
-        logits = shared_prompt_logits(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask
-        )
+    share, pack = share_prompts and can_share_prompts(model), pack_rows and can_pack_rows(model)
+    layout = choose_layout(
+        prompt_ids, prompt_mask, completion_mask, share_prompts=share, pack_rows=pack
+    )
+    inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if layout == "shared":
+        logits = shared_prompt_logits(model, *inputs)
+    elif layout == "packed":
+        logits = packed_logits(model, *inputs)
     else:
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask.long(), (completion_mask > 0).long()], dim=1)
@@ -126,7 +208,3 @@ def completion_logprobs(
     if return_entropy:
         return logprobs, torch.cat(entropy_rows) * mask
     return logprobs
-
-
-def _repeats_a_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
-    return len(distinct_prompts(prompt_ids, prompt_mask)[0]) < len(prompt_ids)

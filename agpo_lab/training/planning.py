@@ -13,9 +13,10 @@ mini-batch shuffle): the trainer's update loop then only executes the plan. Thre
 - **Micro-batches of similar length.** The computed rows are sorted by length and split into
   micro-batches (`micro_batches`); each pass's loss is weighted by its share of the mini-batch's
   weight (a row's weight: 1 per active row, or its tokens under token_mean), so the gradient equals
-  the plain full-batch gradient (tests/test_update.py checks it). When the passes compute each
-  distinct prompt once, a prompt counts once per pass in the budget, and a group's rows are kept
-  in one pass when that computes fewer tokens than length order.
+  the plain full-batch gradient (tests/test_update.py checks it). A pass counts the tokens of its
+  cheapest layout in the budget (padded, each distinct prompt once, or rows packed without padding:
+  `rollout.logprobs.pass_layout`), and a group's rows are kept in one pass when that computes
+  fewer tokens than length order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 
 from agpo_lab.rollout.inputs import distinct_prompts
+from agpo_lab.rollout.logprobs import pass_layout
+from agpo_lab.rollout.packing import first_fit_decreasing
 from agpo_lab.training.batch import RowBatch
 
 
@@ -80,6 +83,7 @@ def plan_update(
     sum_over_processes: Callable[[float], float] = _identity,
     max_over_processes: Callable[[float], float] = _identity,
     share_prompts: bool = False,
+    pack_rows: bool = False,
 ) -> UpdatePlan:
     """The optimizer steps of one update of `batch` (see the module docstring).
 
@@ -89,7 +93,8 @@ def plan_update(
     mini-batch holds fewer rows than the batch. compute_all_rows, sum_over_processes,
     max_over_processes: what DDP needs (every process computes every row, agrees whether a
     mini-batch has weight anywhere, and runs as many passes as the busiest one). share_prompts:
-    the passes compute each distinct prompt once (`micro_batches`' prompt_groups).
+    the passes may compute each distinct prompt once (`micro_batches`' prompt_groups); pack_rows:
+    the passes may pack rows without padding (`micro_batches`' pack).
 
     Example: one group of G=4 with advantages [1, -1, 0, 0], beta 0, one epoch, one mini-batch,
     grad_accumulation 2 -> one step of two passes, one holding row 0 and one row 1, each with
@@ -101,7 +106,9 @@ def plan_update(
     groups = distinct_prompts(batch.prompt_ids, batch.prompt_mask)[2] if share_prompts else None
 
     def split(ids: Tensor, count: int) -> list[Tensor]:
-        return micro_batches(ids, prompt_lengths, completion_lengths, count, token_budget, groups)
+        return micro_batches(
+            ids, prompt_lengths, completion_lengths, count, token_budget, groups, pack_rows
+        )
 
     row_weight = batch.loss_mask.sum(1) if token_mean else batch.active.float()
     computed = batch.active & ((batch.advantages != 0) | (beta > 0))
@@ -119,7 +126,9 @@ def plan_update(
             chunks = split(ids[computed[ids]], grad_accumulation)
             if compute_all_rows and token_budget:  # as many passes on every process
                 most = int(max_over_processes(len(chunks)))
-                chunks = micro_batches(ids, prompt_lengths, completion_lengths, most, None, groups)
+                chunks = micro_batches(
+                    ids, prompt_lengths, completion_lengths, most, None, groups, pack_rows
+                )
             total = total.clamp(min=1e-9)
             passes = [MicroBatch(c, (row_weight[c].sum() / total).item()) for c in chunks]
             plan.steps.append(OptimizerStep(epoch, epoch == 0 and start == 0, passes))
@@ -133,25 +142,29 @@ def micro_batches(
     count: int,
     token_budget: int | None = None,
     prompt_groups: Tensor | None = None,
+    pack: bool = False,
 ) -> list[Tensor]:
     """Split one mini-batch's row indices into micro-batches of rows of similar length.
 
     Rows are sorted by prompt + completion length (stable), so that a micro-batch trimmed to its
     longest prompt and completion (`RowBatch.trimmed`) carries little padding. Without
     `token_budget`: `count` micro-batches of near-equal row counts (fewer if there are fewer rows).
-    With it: consecutive sorted rows are packed while rows x (longest prompt + longest completion)
-    stays within the budget, at least one row each (verl's dynamic batch size); then `count` is
-    ignored. prompt_lengths / completion_lengths are indexed by row id.
+    With it: consecutive sorted rows are packed while the tokens their pass computes, padding
+    included (`logprobs.pass_layout`: rows x (longest prompt + longest completion) for a padded
+    pass), stay within the budget, at least one row each (verl's dynamic batch size); then `count`
+    is ignored. prompt_lengths / completion_lengths are indexed by row id.
     Example: rows [0, 1, 2, 3], prompts all 1, completions [4, 8, 5, 7]: count 2 ->
     [[0, 2], [3, 1]]; token_budget 12 -> [[0, 2], [3], [1]] (3 rows of width 8 would be 24).
 
-    `prompt_groups` (row id -> id of its prompt) is for passes that compute each distinct prompt
-    once (`logprobs.shared_prompt_logits`): a pass then costs its distinct prompts x longest prompt
-    + rows x longest completion, and rows may also be ordered by prompt (prompts by their longest
-    row, rows by length within one) so that a prompt's rows share a pass; whichever order packs
-    into fewer computed tokens, padding included, is used. Example: the rows above with prompts of
-    4 tokens and token_budget 20 -> [[0, 2], [3], [1]] (3 x (4 + 8) = 24 is over); as one shared
-    prompt -> [[0, 2], [3, 1]] (4 + 2 x 8 = 20).
+    `prompt_groups` (row id -> id of its prompt) is for passes that may compute each distinct
+    prompt once (`logprobs.shared_prompt_logits`), `pack` for passes that may lay rows end to end
+    without padding (`logprobs.packed_logits`); each pass is costed at its cheapest layout. With
+    prompt_groups, rows may also be ordered by prompt (prompts by their longest row, rows by length
+    within one) so that a prompt's rows share a pass; with pack, in the packed rows of the whole
+    mini-batch (`packing.first_fit_decreasing`), so that short rows share a pass with long ones;
+    whichever order packs into fewer computed tokens is used. Example: the rows above with prompts
+    of 4 tokens and token_budget 20 -> [[0, 2], [3], [1]] (3 x (4 + 8) = 24 is over); as one
+    shared prompt -> [[0, 2], [3, 1]] (4 + 2 x 8 = 20).
     """
     if rows.numel() == 0:
         return []
@@ -162,40 +175,39 @@ def micro_batches(
         longest = torch.zeros_like(total).scatter_reduce(0, prompt_groups, total, "amax")
         by_prompt = by_length[prompt_groups[by_length].argsort(stable=True)]
         orders.append(by_prompt[longest[prompt_groups[by_prompt]].argsort(stable=True)])
-    groups = prompt_groups if prompt_groups is not None else torch.arange(len(total))
+    prompts, completions = prompt_lengths.tolist(), completion_lengths.tolist()
+    if pack:  # short rows beside long ones: the packed rows of the whole mini-batch, in turn
+        ids = by_length.tolist()
+        lengths = [prompts[i] + completions[i] - 1 for i in ids]
+        bins = first_fit_decreasing(lengths, max(lengths))
+        orders.append(rows.new_tensor([ids[j] for packed_row in bins for j in packed_row]))
+    groups = None if prompt_groups is None else prompt_groups.tolist()
+
+    def pass_tokens(ids: list[int]) -> int:
+        return pass_layout(
+            [prompts[i] for i in ids],
+            [completions[i] for i in ids],
+            None if groups is None else [groups[i] for i in ids],
+            pack,
+        )[1]
+
     packings = []
     for order in orders:
         if token_budget is None:
             chunks = list(order.tensor_split(min(count, order.numel())))
         else:
-            chunks = _pack(order, prompt_lengths, completion_lengths, groups, token_budget)
-        cost = sum(_pass_tokens(c, prompt_lengths, completion_lengths, groups) for c in chunks)
+            chunks = _pack(order, pass_tokens, token_budget)
+        cost = sum(pass_tokens(c.tolist()) for c in chunks)
         packings.append((cost, len(chunks), chunks))
     return min(packings, key=lambda packing: packing[:2])[2]
 
 
-def _pass_tokens(rows: Tensor, prompt_lengths: Tensor, completion_lengths: Tensor, groups) -> int:
-    """Tokens one pass computes, padding included: distinct prompts x longest prompt + rows x
-    longest completion (every row its own prompt when groups are the row ids)."""
-    prompts = len(set(groups[rows].tolist()))
-    longest_prompt, longest_completion = prompt_lengths[rows].max(), completion_lengths[rows].max()
-    return int(prompts * longest_prompt + len(rows) * longest_completion)
-
-
-def _pack(
-    rows: Tensor, prompt_lengths: Tensor, completion_lengths: Tensor, groups: Tensor, budget: int
-) -> list[Tensor]:
-    """Consecutive `rows` packed while a pass's `_pass_tokens` stays within `budget` (at least one
+def _pack(rows: Tensor, pass_tokens: Callable[[list[int]], int], budget: int) -> list[Tensor]:
+    """Consecutive `rows` packed while a pass's `pass_tokens` stays within `budget` (at least one
     row per pass)."""
-    chunks, start, seen, longest_prompt, longest_completion = [], 0, set(), 0, 0
-    for i, (p, c, group) in enumerate(
-        zip(prompt_lengths[rows].tolist(), completion_lengths[rows].tolist(), groups[rows].tolist())
-    ):
-        p, c = max(longest_prompt, p), max(longest_completion, c)
-        if i > start and len(seen | {group}) * p + (i - start + 1) * c > budget:
-            chunks.append(rows[start:i])
-            start, seen = i, set()
-            p, c = prompt_lengths[rows[i]].item(), completion_lengths[rows[i]].item()
-        seen.add(group)
-        longest_prompt, longest_completion = p, c
+    ids, chunks, start = rows.tolist(), [], 0
+    for end in range(1, len(ids)):
+        if pass_tokens(ids[start : end + 1]) > budget:
+            chunks.append(rows[start:end])
+            start = end
     return [*chunks, rows[start:]]

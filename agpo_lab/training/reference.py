@@ -36,9 +36,10 @@ class ReferencePolicy:
         *,
         temperature: float = 1.0,
         share_prompts: bool = False,
+        pack_rows: bool = False,
     ) -> Tensor:
         """Reference log-probs [B, C] of the completion tokens (0 on padding), without gradients;
-        share_prompts as in `completion_logprobs`."""
+        share_prompts and pack_rows as in `completion_logprobs`."""
         adapters_off = self.model.disable_adapter() if self.disable_adapters else nullcontext()
         with eval_mode(self.model), adapters_off:
             return completion_logprobs(
@@ -49,6 +50,7 @@ class ReferencePolicy:
                 completion_mask,
                 temperature=temperature,
                 share_prompts=share_prompts,
+                pack_rows=pack_rows,
             )
 
 
@@ -77,10 +79,11 @@ def reference_logprobs(
     chunks: list[Tensor],
     temperature: float,
     share_prompts: bool = False,
+    pack_rows: bool = False,
 ) -> Tensor | None:
     """Frozen reference log-probs [B, C] of the batch (no gradient), computed over trimmed
-    micro-batches `chunks` (each distinct prompt once per chunk with share_prompts); None without
-    a reference (beta = 0)."""
+    micro-batches `chunks` (in the layouts share_prompts and pack_rows allow); None without a
+    reference (beta = 0)."""
     if reference is None:
         return None
     ref = torch.zeros_like(batch.old_logprobs)
@@ -89,6 +92,7 @@ def reference_logprobs(
             *batch.select(chunk).trimmed().model_inputs,
             temperature=temperature,
             share_prompts=share_prompts,
+            pack_rows=pack_rows,
         )
         ref[chunk, : logps.shape[1]] = logps
     return ref

@@ -41,7 +41,7 @@ from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import disable_dropout, load_policy
 from agpo_lab.rollout import completion_logprobs, generate
 from agpo_lab.rollout.inputs import distinct_prompts
-from agpo_lab.rollout.logprobs import can_share_prompts
+from agpo_lab.rollout.logprobs import can_pack_rows, can_share_prompts, pass_layout
 from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training import faults
@@ -81,16 +81,22 @@ def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def _computed_tokens(batch: RowBatch, plan: UpdatePlan, share_prompts: bool) -> int:
-    """Prompt + completion tokens (padding excluded) that the update's forward/backward passes
-    went through, summed over its epochs; rows whose gradient is exactly 0 are never computed,
-    and with share_prompts a pass computes each of its distinct prompts once."""
-    total = 0
+def _computed_tokens(batch: RowBatch, plan: UpdatePlan, share: bool, pack: bool) -> tuple[int, int]:
+    """(real, padded) tokens that the update's forward/backward passes went through, summed over
+    its epochs: prompt + completion tokens without padding (a pass that shares prompts computes
+    each distinct prompt once), and the tokens its layout computes with padding
+    (`logprobs.pass_layout`). Rows whose gradient is exactly 0 are never computed."""
+    real = padded = 0
     for micro in (m for step in plan.steps for m in step.micro_batches):
-        prompts = batch.prompt_ids[micro.rows], batch.prompt_mask[micro.rows]
-        prompt_masks = distinct_prompts(*prompts)[1] if share_prompts else prompts[1]
-        total += int(prompt_masks.sum() + batch.completion_mask[micro.rows].sum())
-    return total
+        prompt_ids, prompt_mask, _, completion_mask = batch.select(micro.rows).model_inputs
+        prompts, completions = prompt_mask.sum(1).tolist(), completion_mask.sum(1).long().tolist()
+        groups = distinct_prompts(prompt_ids, prompt_mask)[2].tolist() if share else None
+        layout, tokens = pass_layout(prompts, completions, groups, pack)
+        if layout == "shared":
+            prompt_mask = distinct_prompts(prompt_ids, prompt_mask)[1]
+        real += int(prompt_mask.sum() + completion_mask.sum())
+        padded += tokens
+    return real, padded
 
 
 class Trainer:
@@ -163,6 +169,7 @@ class Trainer:
         # One forward per distinct prompt needs the plain module: not through DDP or the compiler.
         share = o.share_prompts and not procs.distributed and not o.compile_update
         self._share_prompts = share and can_share_prompts(self.policy.train())
+        self._pack_rows = o.pack_rows and can_pack_rows(self.policy)
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
         self.state = TrainingState(
             policy=self.policy,
@@ -370,9 +377,10 @@ class Trainer:
             sum_over_processes=procs.sum,
             max_over_processes=procs.max,
             share_prompts=self._share_prompts,
+            pack_rows=self._pack_rows,
         )
-        share = self._share_prompts
-        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share)
+        share, pack = self._share_prompts, self._pack_rows
+        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share, pack)
         stats = UpdateStats(self._ratio_guard)
         self.policy.train()
         for step in plan.steps:
@@ -382,7 +390,11 @@ class Trainer:
                 last = i == len(step.micro_batches) - 1
                 with procs.sync_gradients_if(last, self._ddp_policy):
                     logps = completion_logprobs(
-                        self._update_forward, *mb.model_inputs, temperature=T, share_prompts=share
+                        self._update_forward,
+                        *mb.model_inputs,
+                        temperature=T,
+                        share_prompts=share,
+                        pack_rows=pack,
                     )
                     mb_ref = None if ref is None else ref[micro.rows, : logps.shape[1]]
                     loss, diagnostics = policy_loss(
@@ -416,7 +428,12 @@ class Trainer:
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
         summary = {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
-        return {**summary, "perf/update_tokens": procs.sum(_computed_tokens(batch, plan, share))}
+        real, padded = _computed_tokens(batch, plan, share, pack)
+        return {
+            **summary,
+            "perf/update_tokens": procs.sum(real),
+            "perf/update_padded_tokens": procs.sum(padded),
+        }
 
     # ---- evaluation, logging, checkpoints ---------------------------------------------------
 
