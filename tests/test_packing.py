@@ -64,6 +64,22 @@ def test_pass_layout_worked_example_and_ties():
     assert pass_layout([3, 3], [5, 5], [0, 1], pack=True) == ("packed", 14)  # 2 rows of 3 + 5 - 1
     # short prompts, completions of very different lengths: packing beats sharing (38)
     assert pass_layout([2] * 4, [9, 2, 3, 4], [0] * 4, pack=True) == ("packed", 30)
+    # a large LM head: a packed pass also computes logits over the prompts (12 + 9 < 11 + 11)
+    assert pass_layout([4, 4], [8, 2], pack=True, head_share=0.5) == ("padded", 24)
+
+
+def test_lm_head_share_worked_examples():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from agpo_lab.rollout.logprobs import lm_head_share
+
+    for tied in (True, False):
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=tied))
+        head = model.get_output_embeddings().weight.numel()
+        # the head's weight counts once when tied; untied, the input embeddings are no product
+        others = sum(p.numel() for p in model.parameters()) - head * (1 if tied else 2)
+        assert lm_head_share(model) == pytest.approx(head / (head + others))
+    assert 0 < lm_head_share(_lora_model()) < 1
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "llama_mha"])

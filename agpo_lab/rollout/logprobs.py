@@ -47,32 +47,59 @@ def can_pack_rows(model: torch.nn.Module) -> bool:
     return llama_family(model) and hasattr(masking_utils, "find_packed_sequence_indices")
 
 
+def lm_head_share(model: torch.nn.Module) -> float:
+    """The LM head's share of a token's matrix-product work: V D / (V D + the network's other
+    weights, input embeddings aside), what a pass pays per position whose logits it computes.
+
+    Example: SmolLM2-135M (V 49,152, D 576, tied embeddings): 28.3 M / 134.5 M, about 0.21; the
+    embedded model (V 58, D 128): about 0.007.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or embed is None:
+        return 0.0
+    total = sum(p.numel() for p in base.parameters())  # a tied weight counts once
+    tied = head.weight is embed.weight
+    others = total - embed.weight.numel() - (0 if tied else head.weight.numel())
+    return head.weight.numel() / max(1, head.weight.numel() + others)
+
+
 def pass_layout(
     prompt_lengths: list[int],
     completion_lengths: list[int],
     prompt_groups: list[int] | None = None,
     pack: bool = False,
+    head_share: float = 0.0,
 ) -> tuple[str, int]:
     """(layout, tokens) of the cheapest pass over rows with these real prompt and completion
-    lengths, counting the tokens it computes, padding included:
+    lengths; tokens: what it runs through the network, padding included (and, after the colon,
+    the positions the LM head runs at):
 
-        "padded"  rows x (longest prompt + longest completion)
+        "padded"  rows x (longest prompt + longest completion) : rows x (longest completion + 1)
         "shared"  (prompt_groups: row -> its prompt) distinct prompts x longest prompt
-                  + rows x longest completion
-        "packed"  (pack) packed rows x width (`packing.packed_shape`)
+                  + rows x longest completion : rows x longest completion
+        "packed"  (pack) packed rows x width (`packing.packed_shape`) : all of them
 
-    Ties go to the plainer layout, in that order.
+    The cost compared is tokens x (1 - head_share) + head tokens x head_share (`lm_head_share`:
+    a packed pass also computes logits over the prompts). Ties go to the plainer layout.
     Example: prompts [4, 4], completions [8, 2], one prompt: padded 2 x 12 = 24, shared 4 + 2 x 8
-    = 20, packed: lengths 11 and 5 in width 11 -> 2 x 11 = 22; -> ("shared", 20).
+    = 20, packed: lengths 11 and 5 in width 11 -> 2 x 11 = 22; -> ("shared", 20). Without sharing
+    -> ("packed", 22); with head_share 0.5 -> ("padded", 24): 12 + 9 < 11 + 11.
     """
-    rows, longest = len(prompt_lengths), max(completion_lengths)
-    costs = [("padded", rows * (max(prompt_lengths) + longest))]
+    rows, prompt, longest = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
+    costs = [("padded", rows * (prompt + longest), rows * (longest + 1))]
     if prompt_groups is not None:
-        costs.append(("shared", len(set(prompt_groups)) * max(prompt_lengths) + rows * longest))
+        prompts = len(set(prompt_groups))
+        costs.append(("shared", prompts * prompt + rows * longest, rows * longest))
     if pack:
         packed_rows, width = packed_shape(prompt_lengths, completion_lengths)
-        costs.append(("packed", packed_rows * width))
-    return min(costs, key=lambda cost: cost[1])  # min keeps the first of equals
+        costs.append(("packed", packed_rows * width, packed_rows * width))
+    name, tokens, _ = min(  # min keeps the first of equals
+        costs, key=lambda cost: cost[1] * (1 - head_share) + cost[2] * head_share
+    )
+    return name, tokens
 
 
 def choose_layout(
@@ -82,13 +109,14 @@ def choose_layout(
     *,
     share_prompts: bool,
     pack_rows: bool,
+    head_share: float = 0.0,
 ) -> str:
     """`pass_layout`'s choice for this pass (share_prompts / pack_rows: the layouts allowed)."""
     if not (share_prompts or pack_rows):
         return "padded"
     groups = distinct_prompts(prompt_ids, prompt_mask)[2].tolist() if share_prompts else None
     prompts, completions = prompt_mask.sum(1).tolist(), (completion_mask > 0).sum(1).tolist()
-    return pass_layout(prompts, completions, groups, pack_rows)[0]
+    return pass_layout(prompts, completions, groups, pack_rows, head_share)[0]
 
 
 def packed_logits(
@@ -172,7 +200,12 @@ def completion_logprobs(
     width = completion_ids.shape[1]
     share, pack = share_prompts and can_share_prompts(model), pack_rows and can_pack_rows(model)
     layout = choose_layout(
-        prompt_ids, prompt_mask, completion_mask, share_prompts=share, pack_rows=pack
+        prompt_ids,
+        prompt_mask,
+        completion_mask,
+        share_prompts=share,
+        pack_rows=pack,
+        head_share=lm_head_share(model) if share or pack else 0.0,
     )
     inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     if layout == "shared":

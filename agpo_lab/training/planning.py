@@ -84,6 +84,7 @@ def plan_update(
     max_over_processes: Callable[[float], float] = _identity,
     share_prompts: bool = False,
     pack_rows: bool = False,
+    head_share: float = 0.0,
 ) -> UpdatePlan:
     """The optimizer steps of one update of `batch` (see the module docstring).
 
@@ -94,7 +95,8 @@ def plan_update(
     max_over_processes: what DDP needs (every process computes every row, agrees whether a
     mini-batch has weight anywhere, and runs as many passes as the busiest one). share_prompts:
     the passes may compute each distinct prompt once (`micro_batches`' prompt_groups); pack_rows:
-    the passes may pack rows without padding (`micro_batches`' pack).
+    the passes may pack rows without padding (`micro_batches`' pack); head_share: the model's
+    `logprobs.lm_head_share`, which weighs the layouts' costs.
 
     Example: one group of G=4 with advantages [1, -1, 0, 0], beta 0, one epoch, one mini-batch,
     grad_accumulation 2 -> one step of two passes, one holding row 0 and one row 1, each with
@@ -107,8 +109,9 @@ def plan_update(
 
     def split(ids: Tensor, count: int) -> list[Tensor]:
         return micro_batches(
-            ids, prompt_lengths, completion_lengths, count, token_budget, groups, pack_rows
-        )
+            ids, prompt_lengths, completion_lengths, count, token_budget, groups, pack_rows,
+            head_share,
+        )  # fmt: skip
 
     row_weight = batch.loss_mask.sum(1) if token_mean else batch.active.float()
     computed = batch.active & ((batch.advantages != 0) | (beta > 0))
@@ -127,8 +130,9 @@ def plan_update(
             if compute_all_rows and token_budget:  # as many passes on every process
                 most = int(max_over_processes(len(chunks)))
                 chunks = micro_batches(
-                    ids, prompt_lengths, completion_lengths, most, None, groups, pack_rows
-                )
+                    ids, prompt_lengths, completion_lengths, most, None, groups, pack_rows,
+                    head_share,
+                )  # fmt: skip
             total = total.clamp(min=1e-9)
             passes = [MicroBatch(c, (row_weight[c].sum() / total).item()) for c in chunks]
             plan.steps.append(OptimizerStep(epoch, epoch == 0 and start == 0, passes))
@@ -143,6 +147,7 @@ def micro_batches(
     token_budget: int | None = None,
     prompt_groups: Tensor | None = None,
     pack: bool = False,
+    head_share: float = 0.0,
 ) -> list[Tensor]:
     """Split one mini-batch's row indices into micro-batches of rows of similar length.
 
@@ -158,7 +163,8 @@ def micro_batches(
 
     `prompt_groups` (row id -> id of its prompt) is for passes that may compute each distinct
     prompt once (`logprobs.shared_prompt_logits`), `pack` for passes that may lay rows end to end
-    without padding (`logprobs.packed_logits`); each pass is costed at its cheapest layout. With
+    without padding (`logprobs.packed_logits`); each pass is costed at its cheapest layout
+    (`logprobs.pass_layout`, weighing the LM head by head_share) and counted in its tokens. With
     prompt_groups, rows may also be ordered by prompt (prompts by their longest row, rows by length
     within one) so that a prompt's rows share a pass; with pack, in the packed rows of the whole
     mini-batch (`packing.first_fit_decreasing`), so that short rows share a pass with long ones;
@@ -189,6 +195,7 @@ def micro_batches(
             [completions[i] for i in ids],
             None if groups is None else [groups[i] for i in ids],
             pack,
+            head_share,
         )[1]
 
     packings = []

@@ -41,7 +41,12 @@ from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import disable_dropout, load_policy
 from agpo_lab.rollout import completion_logprobs, generate
 from agpo_lab.rollout.inputs import distinct_prompts
-from agpo_lab.rollout.logprobs import can_pack_rows, can_share_prompts, pass_layout
+from agpo_lab.rollout.logprobs import (
+    can_pack_rows,
+    can_share_prompts,
+    lm_head_share,
+    pass_layout,
+)
 from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training import faults
@@ -81,7 +86,9 @@ def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def _computed_tokens(batch: RowBatch, plan: UpdatePlan, share: bool, pack: bool) -> tuple[int, int]:
+def _computed_tokens(
+    batch: RowBatch, plan: UpdatePlan, share: bool, pack: bool, head_share: float = 0.0
+) -> tuple[int, int]:
     """(real, padded) tokens that the update's forward/backward passes went through, summed over
     its epochs: prompt + completion tokens without padding (a pass that shares prompts computes
     each distinct prompt once), and the tokens its layout computes with padding
@@ -91,7 +98,7 @@ def _computed_tokens(batch: RowBatch, plan: UpdatePlan, share: bool, pack: bool)
         prompt_ids, prompt_mask, _, completion_mask = batch.select(micro.rows).model_inputs
         prompts, completions = prompt_mask.sum(1).tolist(), completion_mask.sum(1).long().tolist()
         groups = distinct_prompts(prompt_ids, prompt_mask)[2].tolist() if share else None
-        layout, tokens = pass_layout(prompts, completions, groups, pack)
+        layout, tokens = pass_layout(prompts, completions, groups, pack, head_share)
         if layout == "shared":
             prompt_mask = distinct_prompts(prompt_ids, prompt_mask)[1]
         real += int(prompt_mask.sum() + completion_mask.sum())
@@ -170,6 +177,7 @@ class Trainer:
         share = o.share_prompts and not procs.distributed and not o.compile_update
         self._share_prompts = share and can_share_prompts(self.policy.train())
         self._pack_rows = o.pack_rows and can_pack_rows(self.policy)
+        self._head_share = lm_head_share(self.policy)  # weighs the passes' layouts
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
         self.state = TrainingState(
             policy=self.policy,
@@ -378,6 +386,7 @@ class Trainer:
             max_over_processes=procs.max,
             share_prompts=self._share_prompts,
             pack_rows=self._pack_rows,
+            head_share=self._head_share,
         )
         share, pack = self._share_prompts, self._pack_rows
         ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share, pack)
@@ -428,7 +437,7 @@ class Trainer:
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
         summary = {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
-        real, padded = _computed_tokens(batch, plan, share, pack)
+        real, padded = _computed_tokens(batch, plan, share, pack, self._head_share)
         return {
             **summary,
             "perf/update_tokens": procs.sum(real),
