@@ -56,16 +56,20 @@ def test_packed_inputs_lay_rows_end_to_end_with_restarting_positions():
 
 
 def test_pass_layout_worked_example_and_ties():
-    assert pass_layout([4, 4], [8, 2], [0, 0], pack=True) == ("shared", 20)
-    assert pass_layout([4, 4], [8, 2], [0, 0]) == ("shared", 20)
-    assert pass_layout([4, 4], [8, 2], pack=True) == ("packed", 22)
-    assert pass_layout([4, 4], [8, 2]) == ("padded", 24)
-    assert pass_layout([3, 3], [5, 5], [0, 1]) == ("padded", 16)  # a tie: the plainer layout
-    assert pass_layout([3, 3], [5, 5], [0, 1], pack=True) == ("packed", 14)  # 2 rows of 3 + 5 - 1
+    assert pass_layout([4, 4], [8, 2], [0, 0], pack=True) == ("shared", 20, 20)
+    assert pass_layout([4, 4], [8, 2], [0, 0]) == ("shared", 20, 20)
+    assert pass_layout([4, 4], [8, 2], pack=True) == ("packed", 22, 22)
+    assert pass_layout([4, 4], [8, 2]) == ("padded", 24, 24)
+    assert pass_layout([3, 3], [5, 5], [0, 1]) == ("padded", 16, 16)  # a tie: the plainer layout
+    assert pass_layout([3, 3], [5, 5], [0, 1], pack=True) == (
+        "packed",
+        14,
+        14,
+    )  # 2 rows of 3 + 5 - 1
     # short prompts, completions of very different lengths: packing beats sharing (38)
-    assert pass_layout([2] * 4, [9, 2, 3, 4], [0] * 4, pack=True) == ("packed", 30)
+    assert pass_layout([2] * 4, [9, 2, 3, 4], [0] * 4, pack=True) == ("packed", 30, 30)
     # a large LM head: a packed pass also computes logits over the prompts (12 + 9 < 11 + 11)
-    assert pass_layout([4, 4], [8, 2], pack=True, head_share=0.5) == ("padded", 24)
+    assert pass_layout([4, 4], [8, 2], pack=True, head_share=0.5) == ("padded", 24, 21)
 
 
 def test_lm_head_share_worked_examples():

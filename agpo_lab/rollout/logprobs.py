@@ -9,7 +9,8 @@ pass. With a prompt of P tokens, G completions of C cost P + G C tokens instead 
 
 With `pack_rows`, rows are laid end to end without padding (`packing`): a pass costs about its real
 tokens instead of rows x (longest prompt + longest completion). A pass takes whichever of the
-three layouts (padded, shared, packed) computes the fewest tokens (`pass_layout`); the planner
+three layouts (padded, shared, packed) costs least (`pass_layout`: tokens, the LM head weighed by its
+share of the work); the planner
 (`training.planning`) budgets its passes with the same count.
 """
 
@@ -72,8 +73,8 @@ def pass_layout(
     prompt_groups: list[int] | None = None,
     pack: bool = False,
     head_share: float = 0.0,
-) -> tuple[str, int]:
-    """(layout, tokens) of the cheapest pass over rows with these real prompt and completion
+) -> tuple[str, int, float]:
+    """(layout, tokens, cost) of the cheapest pass over rows with these real prompt and completion
     lengths; tokens: what it runs through the network, padding included (and, after the colon,
     the positions the LM head runs at):
 
@@ -82,11 +83,11 @@ def pass_layout(
                   + rows x longest completion : rows x longest completion
         "packed"  (pack) packed rows x width (`packing.packed_shape`) : all of them
 
-    The cost compared is tokens x (1 - head_share) + head tokens x head_share (`lm_head_share`:
-    a packed pass also computes logits over the prompts). Ties go to the plainer layout.
+    cost = tokens x (1 - head_share) + head tokens x head_share (`lm_head_share`: a packed pass
+    also computes logits over the prompts); ties go to the plainer layout.
     Example: prompts [4, 4], completions [8, 2], one prompt: padded 2 x 12 = 24, shared 4 + 2 x 8
-    = 20, packed: lengths 11 and 5 in width 11 -> 2 x 11 = 22; -> ("shared", 20). Without sharing
-    -> ("packed", 22); with head_share 0.5 -> ("padded", 24): 12 + 9 < 11 + 11.
+    = 20, packed: lengths 11 and 5 in width 11 -> 2 x 11 = 22; -> ("shared", 20, 20). Without
+    sharing -> ("packed", 22, 22); with head_share 0.5 -> ("padded", 24, 21): 12 + 9 < 11 + 11.
     """
     rows, prompt, longest = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
     costs = [("padded", rows * (prompt + longest), rows * (longest + 1))]
@@ -96,10 +97,8 @@ def pass_layout(
     if pack:
         packed_rows, width = packed_shape(prompt_lengths, completion_lengths)
         costs.append(("packed", packed_rows * width, packed_rows * width))
-    name, tokens, _ = min(  # min keeps the first of equals
-        costs, key=lambda cost: cost[1] * (1 - head_share) + cost[2] * head_share
-    )
-    return name, tokens
+    name, tokens, head = min(costs, key=lambda c: c[1] * (1 - head_share) + c[2] * head_share)
+    return name, tokens, tokens * (1 - head_share) + head * head_share
 
 
 def choose_layout(

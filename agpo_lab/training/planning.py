@@ -168,7 +168,7 @@ def micro_batches(
     prompt_groups, rows may also be ordered by prompt (prompts by their longest row, rows by length
     within one) so that a prompt's rows share a pass; with pack, in the packed rows of the whole
     mini-batch (`packing.first_fit_decreasing`), so that short rows share a pass with long ones;
-    whichever order packs into fewer computed tokens is used. Example: the rows above with prompts
+    whichever order costs least in all is used. Example: the rows above with prompts
     of 4 tokens and token_budget 20 -> [[0, 2], [3], [1]] (3 x (4 + 8) = 24 is over); as one
     shared prompt -> [[0, 2], [3, 1]] (4 + 2 x 8 = 20).
     """
@@ -189,22 +189,22 @@ def micro_batches(
         orders.append(rows.new_tensor([ids[j] for packed_row in bins for j in packed_row]))
     groups = None if prompt_groups is None else prompt_groups.tolist()
 
-    def pass_tokens(ids: list[int]) -> int:
+    def layout(ids: list[int]) -> tuple[str, int, float]:
         return pass_layout(
             [prompts[i] for i in ids],
             [completions[i] for i in ids],
             None if groups is None else [groups[i] for i in ids],
             pack,
             head_share,
-        )[1]
+        )
 
     packings = []
     for order in orders:
         if token_budget is None:
             chunks = list(order.tensor_split(min(count, order.numel())))
         else:
-            chunks = _pack(order, pass_tokens, token_budget)
-        cost = sum(pass_tokens(c.tolist()) for c in chunks)
+            chunks = _pack(order, lambda ids: layout(ids)[1], token_budget)
+        cost = sum(layout(c.tolist())[2] for c in chunks)
         packings.append((cost, len(chunks), chunks))
     return min(packings, key=lambda packing: packing[:2])[2]
 

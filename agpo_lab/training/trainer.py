@@ -98,7 +98,7 @@ def _computed_tokens(
         prompt_ids, prompt_mask, _, completion_mask = batch.select(micro.rows).model_inputs
         prompts, completions = prompt_mask.sum(1).tolist(), completion_mask.sum(1).long().tolist()
         groups = distinct_prompts(prompt_ids, prompt_mask)[2].tolist() if share else None
-        layout, tokens = pass_layout(prompts, completions, groups, pack, head_share)
+        layout, tokens, _ = pass_layout(prompts, completions, groups, pack, head_share)
         if layout == "shared":
             prompt_mask = distinct_prompts(prompt_ids, prompt_mask)[1]
         real += int(prompt_mask.sum() + completion_mask.sum())
