@@ -295,8 +295,9 @@ class OptimizerConfig(Settings):
     """Padding-free passes in the update and in the reference pass (`rollout.packing`): rows laid
     end to end with restarting position ids, so a pass computes about its real tokens instead of
     rows x (longest prompt + completion); the same gradient up to float rounding. Llama-family
-    models only. Each pass takes the cheapest of padded, shared-prompt and packed
-    (`rollout.logprobs.pass_layout`); false: never packed."""
+    models with sdpa, eager or flex attention only (not flash attention). Each pass takes the
+    cheapest of padded, shared-prompt and packed (`rollout.logprobs.pass_layout`); false: never
+    packed."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

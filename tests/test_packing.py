@@ -143,6 +143,9 @@ def test_models_without_sequence_boundaries_from_positions_are_not_packed():
 
     assert not can_pack_rows(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
     assert not can_pack_rows(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4)))
+    flash = _model("qwen2")  # flash attention reads restarting positions only in one row
+    flash.config._attn_implementation = "flash_attention_2"
+    assert not can_pack_rows(flash)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
     inputs = _group_batch()
     with torch.no_grad():  # asked to pack, it runs the padded forward

@@ -39,13 +39,22 @@ def can_share_prompts(model: torch.nn.Module) -> bool:
     return llama_family(model) and not (model.training and getattr(base, name, False))
 
 
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Attention implementations whose transformers mask turns restarting position ids into sequence
+boundaries for any number of rows; flash attention reads them only in a batch of one row."""
+
+
 def can_pack_rows(model: torch.nn.Module) -> bool:
     """Whether a packed pass (`packing`) computes what a padded one does: Llama-family models with
-    full attention, whose transformers forward turns restarting position ids into sequence
-    boundaries (activation checkpointing included; through a DDP wrapper too)."""
+    full attention through an implementation in PACKABLE_ATTENTION, whose transformers mask turns
+    restarting position ids into sequence boundaries (activation checkpointing included; through a
+    DDP wrapper too)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    return llama_family(model) and hasattr(masking_utils, "find_packed_sequence_indices")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    masks_packed = hasattr(masking_utils, "find_packed_sequence_indices")
+    return llama_family(model) and attention in PACKABLE_ATTENTION and masks_packed
 
 
 def lm_head_share(model: torch.nn.Module) -> float:

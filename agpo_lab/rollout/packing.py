@@ -5,7 +5,8 @@ vary a lot within a pass, much of that is padding. Packing lays each row's real 
 without padding, then its completion) end to end in rows of width W, the longest row's length, with
 position ids that restart at 0 at every row's start. Given position ids and no attention mask,
 transformers (5.x) reads the restarts as sequence boundaries and masks attention to stay within
-each sequence (block-diagonal causal attention; flash-attention kernels use them as `cu_seqlens`),
+each sequence (block-diagonal causal attention, with the sdpa, eager and flex implementations;
+flash attention reads them only in a batch of one row, so `logprobs.can_pack_rows` refuses it),
 so each row's logits are what its own forward gives, up to float rounding. TRL calls this
 `padding_free`, verl `use_remove_padding`.
 
