@@ -86,37 +86,32 @@ def test_lm_head_share_worked_examples():
     assert 0 < lm_head_share(_lora_model()) < 1
 
 
+def _assert_packing_changes_nothing(model, inputs) -> None:
+    """Packed log-probs and every gradient equal the padded forward's (padding stays 0)."""
+    plain, plain_grads = _logprobs_and_grads(model, inputs)
+    packed, packed_grads = _logprobs_and_grads(model, inputs, pack_rows=True)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert (packed[inputs[3] == 0] == 0).all()
+    for got, expected in zip(packed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "llama_mha"])
 def test_packed_forward_gives_the_plain_logprobs_and_gradients(arch):
     model = _model(arch).train()
     assert can_pack_rows(model)
     inputs = _group_batch()
     assert choose_layout(*inputs[:2], inputs[3], share_prompts=False, pack_rows=True) == "packed"
-    plain, plain_grads = _logprobs_and_grads(model, inputs)
-    packed, packed_grads = _logprobs_and_grads(model, inputs, pack_rows=True)
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
-    assert (packed[inputs[3] == 0] == 0).all()  # padding stays 0
-    for got, expected in zip(packed_grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    _assert_packing_changes_nothing(model, inputs)
 
 
 def test_packed_forward_under_lora_and_activation_checkpointing():
-    inputs = _group_batch()
-    lora = _lora_model().train()
-    plain, plain_grads = _logprobs_and_grads(lora, inputs)
-    packed, packed_grads = _logprobs_and_grads(lora, inputs, pack_rows=True)
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
-    for got, expected in zip(packed_grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    _assert_packing_changes_nothing(_lora_model().train(), _group_batch())
     model = _model("llama")
     model.activation_checkpointing_enable()
     model.train()
     assert can_pack_rows(model)  # no KV cache needed: checkpointing can pack
-    plain, plain_grads = _logprobs_and_grads(model, inputs)
-    packed, packed_grads = _logprobs_and_grads(model, inputs, pack_rows=True)
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
-    for got, expected in zip(packed_grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    _assert_packing_changes_nothing(model, _group_batch())
 
 
 def test_packed_forward_edge_cases_and_entropy():
