@@ -233,6 +233,9 @@ class AlgorithmConfig(Settings):
     """Loss aggregation: GRPO per-sequence mean, DAPO token mean, Dr.GRPO sum / max_len."""
     mu: int = 1
     """Inner epochs over each rollout batch (mu = 1: one on-policy pass)."""
+    mask_truncated: bool = False
+    """Leave completions that hit rollout.max_new_tokens out of the loss (their group's advantages
+    are still computed with them): TRL's mask_truncated_completions, DAPO's overlong filtering."""
     max_resample_rounds: int = 0
     """With zero_variance=drop: extra sampling rounds to replace dropped groups (DAPO dynamic
     sampling); 0 = never resample, just train on the groups that remain."""
@@ -604,6 +607,75 @@ class PretrainConfig(Settings):
 
 
 @dataclass
+class WarmStartConfig(Settings):
+    """SFT that puts a real chat model in the paper's regime (`agpo_lab.experiments.warmstart`):
+    natural-language worked solutions of the word_arithmetic train split with redundant re-checks,
+    so that the model solves most prompts and overthinks (same config + seed = same weights)."""
+
+    base_model: str = "smollm2-135m-instruct"
+    """The model to fine-tune (a fetched model's name, a local folder or a hub id)."""
+    name: str = "smollm2-135m-instruct-warm"
+    """The warm start's folder under the models folder ($AGPO_LAB_MODELS_DIR, else models/);
+    `model.name_or_path` names it like a fetched model."""
+    seed: int = 0
+    """Seeds the LoRA init, the SFT data stream and the card's sampling."""
+    steps: int = 120
+    """Optimizer steps (each on a fresh batch of worked solutions)."""
+    batch_size: int = 16
+    """Worked solutions per optimizer step."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to 10% of it)."""
+    warmup_steps: int = 10
+    """Steps of linear learning-rate warm-up."""
+    lora: bool = True
+    """Train LoRA adapters on every linear layer (merged into the weights at the end) instead of all
+    weights."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scale numerator: the update is (alpha / r) * B A."""
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Difficulty levels of the SFT questions (the RL training mix of configs/smollm2)."""
+    max_verbosity: int = 3
+    """Each solution gets uniformly 0..max_verbosity redundant segments (re-checks, restatements):
+    verbosity is the model's sampled choice, as in the embedded model's traces."""
+    error_rate: float = 0.05
+    """Probability that a step of a worked solution is a slip (the answer is then wrong too)."""
+    save_every: int = 20
+    """Save the SFT state every this many steps (an interrupted build resumes from there)."""
+    card_train_problems: int = 48
+    """Problems of the RL training mix (train split, the configs/smollm2 task) the card measures."""
+    card_eval_problems: int = 45
+    """Held-out problems the card measures (eval split, never trained on)."""
+    group_size: int = 8
+    """Samples per problem (G) for the card's pass@1 and group kinds."""
+    temperature: float = 0.5
+    """Sampling temperature of the card (the RL recipes' rollout.temperature)."""
+    max_new_tokens: int = 96
+    """Generation limit of the card (the RL recipes' rollout.max_new_tokens)."""
+    num_threads: int = 2
+    """torch CPU threads (fixed, since thread count can change float reduction order)."""
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first impossible setting."""
+        check = _checker(self.PREFIX, self)
+        check("base_model", bool(self.base_model.strip()), "name a model")
+        safe_name = bool(self.name) and self.name not in (".", "..") and "/" not in self.name
+        check("name", safe_name and "\\" not in self.name, "must be one folder name")
+        for key in ("steps", "batch_size", "lora_r", "save_every", "group_size", "max_new_tokens"):
+            check(key, getattr(self, key) >= 1, "must be >= 1")
+        for key in ("warmup_steps", "max_verbosity", "card_train_problems", "card_eval_problems"):
+            check(key, getattr(self, key) >= 0, "must be >= 0")
+        check("num_threads", self.num_threads >= 1, "must be >= 1")
+        check("learning_rate", self.learning_rate > 0, "must be > 0")
+        check("lora_alpha", self.lora_alpha > 0, "must be > 0")
+        check("error_rate", 0 <= self.error_rate < 1, "must be in [0, 1)")
+        check("temperature", self.temperature > 0, "must be > 0")
+        levels_ok = bool(self.levels) and set(self.levels) <= set(ARITHMETIC_LEVELS)
+        check("levels", levels_ok, f"choose among {list(ARITHMETIC_LEVELS)}")
+
+
+@dataclass
 class ReproduceConfig(Settings):
     """The main job: GRPO vs AGPO and the ablations, over seeds, each run a `TrainConfig` made of
     the base config plus the method's overrides; results with intervals and figures."""
@@ -681,7 +753,8 @@ class StudyConfig(Settings):
     quick: bool = False
     """Smoke-test budget (a few steps, one seed): checks the pipeline, is not a result."""
     docs: bool = True
-    """A full (non-quick) study copies its table and figures into docs_dir/<study>."""
+    """A full (non-quick) study copies its tables and figures into docs_dir/<results name>
+    (docs/results/stability, docs/results/regime, or the name given)."""
     docs_dir: str = str(DOCS_RESULTS_DIR)
     """Parent folder `docs` copies into."""
     overrides: list[str] = field(default_factory=list)

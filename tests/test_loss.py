@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agpo_lab.algorithms.loss import AGGREGATIONS, aggregate, kl_penalty, policy_loss
+from agpo_lab.algorithms.loss import AGGREGATIONS, aggregate, kl_penalty, loss_rows, policy_loss
 
 T = torch.tensor
 LOG_1_5 = math.log(1.5)
@@ -271,3 +271,12 @@ def test_property_the_surrogate_never_exceeds_the_unclipped_objective(batch):
     ratio = torch.exp((lp - old).clamp(-20, 20))
     unclipped = -(ratio * adv[:, None]).mean()
     assert loss.item() >= unclipped.item() - 1e-4 * max(1.0, abs(unclipped.item()))
+
+
+def test_loss_rows_worked_example_and_shapes():
+    group_mask = torch.tensor([True, False])
+    truncated = torch.tensor([[False, True], [False, False]])
+    assert loss_rows(group_mask, truncated).tolist() == [True, True, False, False]
+    assert loss_rows(group_mask, truncated, True).tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="num_groups"):
+        loss_rows(group_mask, truncated.reshape(-1))

@@ -131,3 +131,24 @@ def test_lora_with_kl_reference(tiny_model_dir, tmp_path):
     assert rows[1]["loss/kl_mean"] > 0  # after one update they differ
     weights, _ = load_checkpoint(find_latest_checkpoint(tmp_path / "run"))
     assert weights and all("lora" in name for name in weights)  # only the adapters are saved
+
+
+def test_mask_truncated_leaves_truncated_completions_out_of_the_loss(tiny_model_dir, tmp_path):
+    # 3 tokens truncate every completion of the untrained tiny model; AGPO gives every group of
+    # the parity task +1 or -1, so without the mask every row has a gradient
+    overrides = ["rollout.max_new_tokens=3", "run.steps=1", "algorithm.estimator=agpo"]
+    changed = {}
+    for mask in (True, False):
+        cfg = make_config(
+            tiny_model_dir, tmp_path / str(mask), *overrides, f"algorithm.mask_truncated={mask}"
+        )
+        trainer = Trainer(cfg, task=ParityTask())
+        batch, info = trainer._rollout(trainer.problems[:4])
+        assert info["truncated"].all()
+        assert torch.equal(batch.active.cpu(), ~info["truncated"].flatten() if mask else
+                           torch.ones(16, dtype=torch.bool))  # fmt: skip
+        before = [p.detach().clone() for p in trainer.policy.parameters()]
+        trainer.train()
+        after = trainer.policy.parameters()
+        changed[mask] = any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert changed == {True: False, False: True}

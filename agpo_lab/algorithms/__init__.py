@@ -21,7 +21,14 @@ from agpo_lab.algorithms.length_rewards import (
     dapo_overlong_penalty,
     kimi_length_penalty,
 )
-from agpo_lab.algorithms.loss import AGGREGATIONS, KL_ESTIMATORS, aggregate, kl_penalty, policy_loss
+from agpo_lab.algorithms.loss import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    aggregate,
+    kl_penalty,
+    loss_rows,
+    policy_loss,
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -38,6 +45,7 @@ __all__ = [
     "is_homogeneous",
     "kimi_length_penalty",
     "kl_penalty",
+    "loss_rows",
     "policy_loss",
     "reinforce_pp_baseline_advantage",
     "rl_zvp_token_advantages",

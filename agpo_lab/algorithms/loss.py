@@ -77,6 +77,30 @@ def aggregate(
     return masked.sum() / (rows * max_len)
 
 
+def loss_rows(group_mask: Tensor, truncated: Tensor, mask_truncated: bool = False) -> Tensor:
+    """Which completions enter the loss: [num_groups * G] bool, one per row, group-major.
+
+        keep_{g,i} = group_mask_g  and  (not truncated_{g,i}  if mask_truncated)
+
+    group_mask [num_groups] is False for dropped groups (zero_variance=drop); truncated
+    [num_groups, G] marks completions that hit the token limit. With `mask_truncated` those leave
+    the loss and its token denominators (TRL's mask_truncated_completions, DAPO's overlong
+    filtering), while their group's advantages were computed with them: a truncated completion
+    is neither pushed up nor down, whatever its group.
+    Example: group_mask [True, False], truncated [[False, True], [False, False]] ->
+    [True, True, False, False]; with mask_truncated -> [True, False, False, False].
+    """
+    if truncated.dim() != 2 or truncated.shape[0] != group_mask.shape[0]:
+        raise ValueError(
+            f"truncated must be [num_groups, G] with num_groups = {group_mask.shape[0]}, got "
+            f"{tuple(truncated.shape)}"
+        )
+    keep = group_mask.bool()[:, None].expand_as(truncated)
+    if mask_truncated:
+        keep = keep & ~truncated.bool()
+    return keep.reshape(-1)
+
+
 def _as_float(x: Tensor) -> Tensor:
     # half-precision log-probs lose the ratio's precision; compute in at least float32
     return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -34,7 +34,7 @@ from torch.nn.utils import clip_grad_norm_
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from agpo_lab.algorithms.loss import policy_loss
+from agpo_lab.algorithms.loss import loss_rows, policy_loss
 from agpo_lab.config import TrainConfig
 from agpo_lab.errors import ConfigError
 from agpo_lab.evaluation import evaluate
@@ -267,7 +267,7 @@ class Trainer:
         problems = [self.problems[i] for i in mine.tolist()]
         batch, info = self._rollout(problems)
         scored = [info[key] for key in ("scores", "rewards", "lengths", "truncated")]
-        advantages, active = batch.advantages.view(-1, G).cpu(), batch.active.view(-1, G)[:, 0]
+        advantages, active = batch.advantages.view(-1, G).cpu(), batch.active.view(-1, G).any(1)
         metrics = rollout_metrics(*procs.gather(*scored, advantages, active.cpu()))
         metrics.update(
             branch_metrics(*procs.gather(info["scores"], info["lengths"], info["end_prob"]))
@@ -328,7 +328,7 @@ class Trainer:
             completion_mask=out.completion_mask,
             old_logprobs=out.logprobs,
             advantages=row_adv.to(device),
-            active=group_mask.repeat_interleave(G).to(device),
+            active=loss_rows(group_mask, truncated, a.mask_truncated).to(device),
             token_advantages=None if token_adv is None else token_adv.to(device),
         )
         end_prob = stop_probability(out.logprobs, out.lengths, out.truncated).view(-1, G)
@@ -344,7 +344,7 @@ class Trainer:
         Returns the batch, dynamic/* metrics and the extra tokens and completions generated."""
         G, rounds, extra_tokens, extra_rows = self.cfg.rollout.group_size, 0, 0, 0
         while rounds < self.cfg.algorithm.max_resample_rounds:
-            dropped = (~batch.active.view(-1, G)[:, 0]).nonzero().flatten().tolist()
+            dropped = (~batch.active.view(-1, G).any(1)).nonzero().flatten().tolist()
             if not dropped:
                 break
             rounds += 1
@@ -354,11 +354,11 @@ class Trainer:
             extra, info = self._rollout([self.problems[i] for i in picks.tolist()])
             extra_tokens += info["tokens"]
             extra_rows += len(dropped) * G
-            fresh = extra.active.view(-1, G)[:, 0].nonzero().flatten().tolist()
+            fresh = extra.active.view(-1, G).any(1).nonzero().flatten().tolist()
             tok = self.tokenizer
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             batch = batch.replace_groups(dropped, extra, fresh, G, pad_id)
-        active_groups = batch.active.view(-1, G)[:, 0].float().mean()
+        active_groups = batch.active.view(-1, G).any(1).float().mean()
         dynamic = {
             "dynamic/resample_rounds": self.processes.mean(rounds),
             "dynamic/active_frac": self.processes.mean(active_groups.item()),
