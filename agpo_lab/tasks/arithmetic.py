@@ -105,7 +105,7 @@ def _order_key(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()
 
 
-def _wrong(value: int, rng: random.Random) -> int:
+def slipped_value(value: int, rng: random.Random) -> int:
     """A plausible slip: off by one, two or ten, never negative."""
     wrong = value + rng.choice((-10, -2, -1, 1, 2, 10))
     return wrong if wrong >= 0 and wrong != value else value + 1
@@ -139,7 +139,7 @@ def write_trace(
     for i, (_, op, right, _) in enumerate(true_steps):
         exact = value + right if op == "+" else value - right if op == "-" else value * right
         slipped = error_rate > 0 and rng.random() < error_rate
-        result = _wrong(exact, rng) if slipped else exact
+        result = slipped_value(exact, rng) if slipped else exact
         step = (value, op, right, result)
         parts.append(f"{value}{op}{right}={result}")
         parts += [_redundant_segment(step, not slipped, rng) for p in placements if p == i]

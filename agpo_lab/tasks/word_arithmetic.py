@@ -12,11 +12,12 @@ what an instruct model actually writes (a stated answer, ``#### N``, ``\\boxed{N
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from agpo_lab.tasks.arithmetic import ArithmeticTask, solve_steps
+from agpo_lab.tasks.arithmetic import ArithmeticTask, slipped_value, solve_steps
 from agpo_lab.tasks.base import Problem
 from agpo_lab.tasks.verify import DEFAULT_TIMEOUT_S, score_completion
 
@@ -70,6 +71,51 @@ def phrase_question(question: str) -> str:
     if _pick(question, "style", ("plain", "story")) == "plain":
         return f"What is {spoken_expression(question)}?"
     return word_problem(question)
+
+
+REDUNDANT_OPENERS = ("Let me check:", "Again,", "To be sure,")
+"""How each redundant segment of a worked solution begins (`worked_solution`): a re-check by the
+inverse operation, a restated step, a restated step "to be sure"."""
+
+
+def _redundant_sentence(step: tuple[int, str, int, int], correct: bool, rng: random.Random) -> str:
+    """One redundant segment about a step: a re-check (only of a correct step) or a restatement."""
+    left, op, right, result = step
+    kind = rng.randrange(3) if correct and right != 0 else rng.randrange(1, 3)
+    if kind == 0:
+        inverse = {"+": "-", "-": "+", "*": "/"}[op]
+        return f"{REDUNDANT_OPENERS[0]} {result} {inverse} {right} = {left}."
+    return f"{REDUNDANT_OPENERS[kind]} {left} {op} {right} = {result}."
+
+
+def worked_solution(
+    question: str, verbosity: int, rng: random.Random | None = None, error_rate: float = 0.0
+) -> str:
+    """A natural-language step-by-step solution with `verbosity` redundant segments, ending with
+    "The answer is N." (the warm start's SFT target, `agpo_lab.experiments.warmstart`).
+
+    Each step is written "a + b = c."; each is wrong with probability `error_rate` (later steps
+    build on the wrong value, as in `arithmetic.write_trace`); redundant segments (re-checks and
+    restatements, `REDUNDANT_OPENERS`, counted by `tasks.redundancy`) go after random steps. Examples:
+    ``worked_solution("12+7-5", 0) == "12 + 7 = 19. 19 - 5 = 14. The answer is 14."``; with
+    verbosity 1 it may read "12 + 7 = 19. Let me check: 19 - 7 = 12. 19 - 5 = 14. The answer is 14."
+    """
+    if verbosity < 0:
+        raise ValueError(f"verbosity must be >= 0, got {verbosity}")
+    if (verbosity > 0 or error_rate > 0) and rng is None:
+        raise ValueError("worked_solution needs an rng when verbosity > 0 or error_rate > 0")
+    true_steps = solve_steps(question)
+    placements = sorted(rng.randrange(len(true_steps)) for _ in range(verbosity)) if rng else []
+    sentences, value = [], true_steps[0][0]
+    for i, (_, op, right, _) in enumerate(true_steps):
+        exact = value + right if op == "+" else value - right if op == "-" else value * right
+        slipped = error_rate > 0 and rng.random() < error_rate
+        result = slipped_value(exact, rng) if slipped else exact
+        step = (value, op, right, result)
+        sentences.append(f"{value} {op} {right} = {result}.")
+        sentences += [_redundant_sentence(step, not slipped, rng) for p in placements if p == i]
+        value = result
+    return " ".join([*sentences, f"The answer is {value}."])
 
 
 class WordArithmeticTask:
