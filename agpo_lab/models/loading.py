@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from agpo_lab.config import ModelConfig
+from agpo_lab.config import ModelConfig, WarmStartConfig
 from agpo_lab.errors import ConfigError, MissingFileError, ModelLoadError
-from agpo_lab.models.fetch import CATALOG, fetched_model_dir, is_fetched
+from agpo_lab.models.fetch import CATALOG, fetched_model_dir, is_fetched, models_dir
 from agpo_lab.models.hub import HUB_TIMEOUT_S, hub_reachable
 from agpo_lab.paths import EMBEDDED_MODEL_DIR
 
@@ -60,6 +60,14 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"{fetched_model_dir(name_or_path)}); run `agpo-lab models fetch {name_or_path}`"
             )
         return str(fetched_model_dir(name_or_path))
+    if name_or_path == WarmStartConfig.name:
+        folder = models_dir() / name_or_path
+        if not (folder / "config.json").is_file():
+            raise MissingFileError(
+                f"the warm start {name_or_path!r} is not built yet (looked in {folder}); build it "
+                "with `agpo-lab warmstart` (about half an hour on a 2-core CPU)"
+            )
+        return str(folder)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
