@@ -5,7 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint format models reproduce reproduce-quick reproduce-smollm2 lab clean-venv
+.PHONY: setup test lint format models warmstart reproduce reproduce-quick reproduce-smollm2 \
+	reproduce-smollm2-weak smollm2-mechanism mechanism lab clean-venv
 
 setup: $(STAMP)
 
@@ -35,10 +36,34 @@ reproduce: setup
 reproduce-quick: setup
 	$(VENV)/bin/agpo-lab reproduce --quick $(ARGS)
 
-# GRPO vs AGPO vs the length reward alone on SmolLM2-135M-Instruct (docs/real_model.md).
-reproduce-smollm2: models
+# SmolLM2 warm-started into the paper's regime (SFT on worked solutions with re-checks; skipped
+# when it is built already): models/smollm2-135m-instruct-warm.
+warmstart: models
+	$(VENV)/bin/agpo-lab warmstart
+
+# The real-model comparison from the warm start: GRPO, AGPO, the authors' AGPO, the length reward
+# alone, 3 seeds (docs/real_model.md; resumable: run it again after an interruption).
+reproduce-smollm2: warmstart
+	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/warm_compare.yaml \
+	  --methods grpo agpo agpo_mask length_only --seeds 0 1 2 --name smollm2-warm \
+	  --docs-dir docs/results/smollm2/warm $(ARGS)
+
+# The same comparison from the untrained (weak) SmolLM2, where AGPO collapses.
+reproduce-smollm2-weak: models
 	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/compare.yaml \
 	  --methods grpo agpo length_only --seeds 0 1 --name smollm2 --docs-dir docs/results/smollm2 $(ARGS)
+
+# Why AGPO collapses a weak start: one suspect changed at a time (aggregation, truncation), on the
+# embedded weak start (3 seeds, minutes) and on the untrained SmolLM2 (2 seeds, 16 steps, hours).
+mechanism: setup
+	$(VENV)/bin/agpo-lab study regime --checkpoints weak --name mechanism --methods grpo agpo \
+	  agpo_plus_only agpo_token_mean agpo_sum_norm agpo_mask_truncated $(ARGS)
+
+smollm2-mechanism: models
+	$(VENV)/bin/agpo-lab study regime --base-config configs/smollm2/compare.yaml \
+	  --checkpoints smollm2-135m-instruct --out-dir results/smollm2 --name mechanism \
+	  --docs-dir docs/results/smollm2 --seeds 0 1 --methods agpo agpo_plus_only agpo_token_mean \
+	  agpo_sum_norm agpo_mask_truncated run.steps=16 $(ARGS)
 
 # JupyterLab at the repository root (README and docs reachable), opened on the notebooks folder.
 lab: setup

@@ -14,7 +14,7 @@ from agpo_lab.cli import main
 from agpo_lab.config import ReproduceConfig
 from agpo_lab.experiments import reproduce
 from agpo_lab.experiments.methods import METHODS, REFERENCE
-from agpo_lab.experiments.report import summarize, to_markdown
+from agpo_lab.experiments.report import redundant_share, summarize, to_markdown
 from agpo_lab.experiments.stats import t_critical_95
 
 
@@ -81,6 +81,23 @@ def test_summary_statistics_by_hand():
     assert math.isnan(grpo["final_zero_var_frac"])  # no training metrics given for grpo
     table = to_markdown(summary, "grpo")
     assert "| agpo | 3 | 0.600 ± 0.000 |" in table and "1.48 ±" in table
+    assert "redundant" not in table  # no records given: no column
+    records = pd.DataFrame(
+        [
+            {"method": method, "seed": seed, "text": text, "correct": correct}
+            for method in ("grpo", "agpo")
+            for seed in range(3)
+            for text, correct in (
+                ("3+4=7;ans:7", True),
+                ("3+4=7;again 3+4=7;ans:7" if method == "grpo" or seed == 0 else "3;ans:3", True),
+            )
+        ]
+    )
+    shares = redundant_share(records).set_index(["method", "seed"])
+    assert shares.loc[("grpo", 1), "redundant"] == 0.5 and shares.loc[("agpo", 1), "redundant"] == 0
+    with_records = summarize(pd.DataFrame(rows), training, "grpo", "start", records)
+    assert with_records.set_index("method").loc["agpo", "redundant_mean"] == pytest.approx(1 / 6)
+    assert "| with a redundant segment |" in to_markdown(with_records, "grpo")
 
 
 @pytest.mark.slow

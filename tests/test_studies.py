@@ -15,7 +15,7 @@ from agpo_lab.algorithms import compute_advantages, rl_zvp_token_advantages, zer
 from agpo_lab.cli import main
 from agpo_lab.config import AlgorithmConfig, StudyConfig, load_config
 from agpo_lab.errors import ConfigError
-from agpo_lab.experiments import stability
+from agpo_lab.experiments import regime, stability
 from agpo_lab.experiments.methods import METHODS
 from agpo_lab.experiments.study import run_study, study_arms
 from agpo_lab.training.metrics import branch_metrics, stop_probability
@@ -221,6 +221,40 @@ def test_stability_table_by_hand(tmp_path):
     assert len(figure.axes) == 4  # two maps and their colour bars
 
 
+def test_mechanism_table_by_hand(tmp_path):
+    for seed, (accuracy, tokens) in enumerate([(0.0, 96.0), (0.2, 90.0)]):
+        run = tmp_path / "weak" / "runs" / "agpo" / f"seed{seed}"
+        run.mkdir(parents=True)
+        result = {"method": "agpo", "seed": seed, "eval/pass@1_sampled": accuracy,
+                  "eval/mean_tokens": tokens, "eval/truncated_frac": tokens / 96}  # fmt: skip
+        (run / "result.json").write_text(json.dumps(result))
+    metrics = pd.DataFrame(
+        [
+            {
+                "arm": "weak",
+                "method": "agpo",
+                "seed": seed,
+                "step": step,
+                "length/mean": 40.0 + 5 * step,
+                "length/clipped_frac": step / 10,
+                "end_token/prob_all_wrong": 1.0 - step / 100,
+                "zero_var/all_wrong": 0.5,
+            }
+            for seed in (0, 1)
+            for step in range(1, 11)
+        ]  # fmt: skip
+    )
+    table = regime.mechanism_table({"weak": tmp_path / "weak"}, metrics, first=2, last=2)
+    row = table.iloc[0]
+    assert (row["arm"], row["method"], row["seeds"]) == ("weak", "agpo", 2)
+    assert row["pass@1"] == pytest.approx(0.1) and row["tokens"] == pytest.approx(93.0)
+    assert row["train_len_end"] == pytest.approx(40 + 5 * 9.5)  # steps 9 and 10
+    assert row["train_truncated_end"] == pytest.approx(0.95)
+    assert row["p_stop_all_wrong_start"] == pytest.approx(0.985)  # steps 1 and 2
+    assert row["p_stop_all_wrong_end"] == pytest.approx(0.905)
+    assert "| weak | agpo | 2 | 0.100 | 93.0 |" in regime.mechanism_markdown(table)
+
+
 # ---- the study commands -----------------------------------------------------------------------
 
 
@@ -259,4 +293,10 @@ def test_quick_studies_end_to_end(tmp_path):
     assert (root / "weak_model" / "config.json").is_file()
     summary = pd.read_csv(root / "summary.csv")
     assert set(summary["arm"]) == {"weak", "embedded"}
+    mechanism = pd.read_csv(root / "mechanism.csv")
+    assert list(zip(mechanism["arm"], mechanism["method"])) == [
+        ("weak", "grpo"),
+        ("embedded", "grpo"),
+    ]
+    assert mechanism["pass@1"].between(0, 1).all()
     assert (root / "regime_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -57,5 +57,29 @@ METHODS: dict[str, list[str]] = {
         "algorithm.zero_variance=rl_zvp",
         "algorithm.length_reward=none",
     ],
+    # The collapse's suspects, one change each from agpo (the mechanism study, docs/results):
+    # the -1 branch off (r_min below any reward, so an all-wrong group is "intermediate" and
+    # gets 0), the token-mean and Dr.GRPO aggregations instead of the per-sequence mean, and
+    # truncated completions left out of the loss (TRL's mask_truncated_completions).
+    "agpo_plus_only": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        "algorithm.r_min=-1",
+    ],  # fmt: skip
+    "agpo_token_mean": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        "algorithm.aggregation=token_mean",
+    ],
+    "agpo_sum_norm": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        "algorithm.aggregation=seq_mean_token_sum_norm",
+    ],
+    "agpo_mask_truncated": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        "algorithm.mask_truncated=true",
+    ],
 }
 """Each method is a set of config overrides on the shared base config (same budget, same seeds)."""

@@ -10,10 +10,12 @@ reads them for every run of every arm and draws them over training.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from matplotlib.figure import Figure
 
-from agpo_lab.experiments.results import load_training_metrics
+from agpo_lab.experiments.results import load_results, load_training_metrics
 from agpo_lab.training.metrics import BRANCHES
 
 CURVES = (
@@ -79,6 +81,82 @@ def branch_markdown(summary: pd.DataFrame) -> str:
             f"{r['all_correct_start']:.2f} | {pair(r, 'len', '.1f')} "
             f"| {pair(r, 'len_all_wrong', '.1f')} | {pair(r, 'p_end', '.3f')} "
             f"| {pair(r, 'p_end_all_wrong', '.3f')} | {pair(r, 'p_end_all_correct', '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+MECHANISM_COLUMNS = {
+    "pass@1": "held-out pass@1 (sampled)",
+    "tokens": "held-out mean tokens",
+    "truncated": "held-out truncated",
+    "train_len_end": "training length, last 5 steps",
+    "train_truncated_end": "training truncated, last 5 steps",
+    "p_stop_all_wrong": "p(stop) in all-wrong groups, first -> last 5 steps",
+    "all_wrong_start": "all-wrong groups, first 5 steps",
+}
+"""The mechanism table's columns (what decides whether a method collapses a weak start)."""
+
+
+def mechanism_table(
+    arms: dict[str, Path], metrics: pd.DataFrame, first: int = 5, last: int = 5
+) -> pd.DataFrame:
+    """Per (arm, method), mean over seeds: held-out pass@1, mean tokens and truncated share
+    (result.json), and from training the length and truncated share of the last steps, the
+    stop-token probability in all-wrong groups at the start and the end, and the share of
+    all-wrong groups at the start: what tells a collapse (lengths at the limit, p(stop) falling
+    where the -1 branch acts) from a healthy run."""
+    rows = []
+    for arm, root in arms.items():
+        results = load_results(root) if Path(root, "runs").is_dir() else pd.DataFrame()
+        for method, group in metrics[metrics["arm"] == arm].groupby("method", sort=False):
+            steps = sorted(group["step"].unique())
+            head = group[group["step"].isin(steps[:first])]
+            tail = group[group["step"].isin(steps[-last:])]
+            final = results[results["method"] == method] if len(results) else results
+            p_wrong = "end_token/prob_all_wrong"
+            rows.append(
+                {
+                    "arm": arm,
+                    "method": method,
+                    "seeds": group["seed"].nunique(),
+                    "pass@1": final["eval/pass@1_sampled"].mean() if len(final) else float("nan"),
+                    "tokens": final["eval/mean_tokens"].mean() if len(final) else float("nan"),
+                    "truncated": final["eval/truncated_frac"].mean()
+                    if len(final)
+                    else float("nan"),
+                    "train_len_end": tail["length/mean"].mean(),
+                    "train_truncated_end": tail["length/clipped_frac"].mean(),
+                    "p_stop_all_wrong_start": head[p_wrong].astype(float).mean()
+                    if p_wrong in head
+                    else float("nan"),
+                    "p_stop_all_wrong_end": tail[p_wrong].astype(float).mean()
+                    if p_wrong in tail
+                    else float("nan"),
+                    "all_wrong_start": head["zero_var/all_wrong"].mean(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def mechanism_markdown(table: pd.DataFrame) -> str:
+    """The mechanism table as Markdown (one row per arm and method, means over seeds)."""
+
+    def num(value: float, fmt: str) -> str:
+        return "n/a" if pd.isna(value) else f"{value:{fmt}}"
+
+    lines = [
+        "| start | method | seeds | " + " | ".join(MECHANISM_COLUMNS.values()) + " |",
+        "|---|---|---|" + "---|" * len(MECHANISM_COLUMNS),
+    ]
+    for _, r in table.iterrows():
+        p_stop = (
+            f"{num(r['p_stop_all_wrong_start'], '.3f')} → {num(r['p_stop_all_wrong_end'], '.3f')}"
+        )
+        lines.append(
+            f"| {r['arm']} | {r['method']} | {r['seeds']} | {num(r['pass@1'], '.3f')} "
+            f"| {num(r['tokens'], '.1f')} | {num(r['truncated'], '.3f')} "
+            f"| {num(r['train_len_end'], '.1f')} | {num(r['train_truncated_end'], '.3f')} "
+            f"| {p_stop} | {num(r['all_wrong_start'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 

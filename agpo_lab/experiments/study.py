@@ -11,7 +11,8 @@ reproduce does and has its own table and figures; the study's files sit beside t
     stability: summary.md / summary.csv (`stability.stability_table`), runs.csv (one row per run),
                stability_map.png, curves.csv (the per-step metrics the notebook draws); each
                arm's reproduce table and accuracy_vs_training_tokens.png (equal compute)
-    regime:    summary.md / summary.csv (`regime.branch_summary`), regime_curves.png, curves.csv,
+    regime:    summary.md / summary.csv (`regime.branch_summary`), mechanism.md / mechanism.csv
+               (`regime.mechanism_table`), regime_curves.png, curves.csv,
                weak_model/ (the weak checkpoint, built on first use by `agpo-lab pretrain`)
 """
 
@@ -115,7 +116,8 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> Path:
     else:
         write_regime(root, folders, list(cfg.methods))
     if cfg.docs and not cfg.quick:
-        copy_study_for_docs(root, Path(cfg.docs_dir) / cfg.study, cfg.study, list(arms))
+        docs = Path(cfg.docs_dir) / cfg.results_name
+        copy_study_for_docs(root, docs, cfg.study, list(arms))
     return root
 
 
@@ -133,11 +135,15 @@ def write_stability(root: Path, arms: dict[float, Path], methods: list[str]) -> 
 
 
 def write_regime(root: Path, arms: dict[str, Path], methods: list[str]) -> pd.DataFrame:
-    """summary.csv / summary.md, regime_curves.png and curves.csv of a regime study."""
+    """summary.csv / summary.md (per branch), mechanism.csv / mechanism.md (final pass@1, lengths,
+    truncation, p(stop) in all-wrong groups), regime_curves.png and curves.csv of a regime study."""
     metrics = regime.regime_metrics(arms, methods)
     summary = regime.branch_summary(metrics)
     write_file(root / "summary.csv", summary.to_csv(index=False).encode())
     write_file(root / "summary.md", regime.branch_markdown(summary).encode())
+    mechanism = regime.mechanism_table(arms, metrics)
+    write_file(root / "mechanism.csv", mechanism.to_csv(index=False).encode())
+    write_file(root / "mechanism.md", regime.mechanism_markdown(mechanism).encode())
     regime.plot_regime(metrics).savefig(root / "regime_curves.png", dpi=120)
     _write_curves(root, metrics)
     return summary
@@ -155,7 +161,8 @@ def copy_study_for_docs(root: Path, docs: Path, study: str, arms: list[str]) -> 
     each arm's table and accuracy-against-sampled-tokens figure as <arm>_<file>."""
     docs.mkdir(parents=True, exist_ok=True)
     figure = "stability_map.png" if study == "stability" else "regime_curves.png"
-    for name in ("summary.md", "summary.csv", "runs.csv", "curves.csv", "study.json", figure):
+    tables = ("summary.md", "summary.csv", "mechanism.md", "mechanism.csv", "runs.csv")
+    for name in (*tables, "curves.csv", "study.json", figure):
         if (root / name).is_file():
             shutil.copy2(root / name, docs / name)
     for arm in arms:
