@@ -300,3 +300,4 @@ def test_quick_studies_end_to_end(tmp_path):
     ]
     assert mechanism["pass@1"].between(0, 1).all()
     assert (root / "regime_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "mechanism_curves.png").read_bytes()[:4] == b"\x89PNG"

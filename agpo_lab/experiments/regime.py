@@ -25,6 +25,13 @@ CURVES = (
     ("reward/accuracy", "training accuracy"),
 )
 """The panels of the regime figure (metric, title), one row per arm."""
+MECHANISM_CURVES = (
+    ("length/mean", "mean completion length"),
+    ("length/clipped_frac", "truncated at the token limit"),
+    ("end_token/prob_all_wrong", "p(stop), all-wrong groups"),
+    ("reward/accuracy", "training accuracy"),
+)
+"""The panels of the mechanism figure: what a collapse looks like, step by step."""
 
 
 def regime_metrics(arms: dict[str, object], methods: list[str]) -> pd.DataFrame:
@@ -161,15 +168,17 @@ def mechanism_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_regime(metrics: pd.DataFrame, smooth: int = 5) -> Figure:
-    """One row per arm, one column per `CURVES` metric, one line per method (mean over seeds,
-    rolling mean over `smooth` steps)."""
+def plot_regime(
+    metrics: pd.DataFrame, smooth: int = 5, curves: tuple[tuple[str, str], ...] = CURVES
+) -> Figure:
+    """One row per arm, one column per metric of `curves` (`CURVES`, or `MECHANISM_CURVES`), one
+    line per method (mean over seeds, rolling mean over `smooth` steps)."""
     arms = list(dict.fromkeys(metrics["arm"]))
     methods = list(dict.fromkeys(metrics["method"]))
-    fig = Figure(figsize=(3.3 * len(CURVES), 2.6 * len(arms)), layout="constrained")
-    axes = fig.subplots(len(arms), len(CURVES), squeeze=False)
+    fig = Figure(figsize=(3.3 * len(curves), 2.6 * len(arms)), layout="constrained")
+    axes = fig.subplots(len(arms), len(curves), squeeze=False)
     for i, arm in enumerate(arms):
-        for j, (metric, title) in enumerate(CURVES):
+        for j, (metric, title) in enumerate(curves):
             ax = axes[i][j]
             for method in methods:
                 runs = metrics[(metrics["arm"] == arm) & (metrics["method"] == method)]

@@ -12,7 +12,7 @@ reproduce does and has its own table and figures; the study's files sit beside t
                stability_map.png, curves.csv (the per-step metrics the notebook draws); each
                arm's reproduce table and accuracy_vs_training_tokens.png (equal compute)
     regime:    summary.md / summary.csv (`regime.branch_summary`), mechanism.md / mechanism.csv
-               (`regime.mechanism_table`), regime_curves.png, curves.csv,
+               (`regime.mechanism_table`), regime_curves.png, mechanism_curves.png, curves.csv,
                weak_model/ (the weak checkpoint, built on first use by `agpo-lab pretrain`)
 """
 
@@ -38,6 +38,7 @@ CURVE_COLUMNS = (
     "length/mean",
     "length/mean_all_wrong",
     "length/mean_all_correct",
+    "length/clipped_frac",
     "end_token/prob",
     "end_token/prob_all_wrong",
     "end_token/prob_all_correct",
@@ -145,6 +146,8 @@ def write_regime(root: Path, arms: dict[str, Path], methods: list[str]) -> pd.Da
     write_file(root / "mechanism.csv", mechanism.to_csv(index=False).encode())
     write_file(root / "mechanism.md", regime.mechanism_markdown(mechanism).encode())
     regime.plot_regime(metrics).savefig(root / "regime_curves.png", dpi=120)
+    mechanism_figure = regime.plot_regime(metrics, curves=regime.MECHANISM_CURVES)
+    mechanism_figure.savefig(root / "mechanism_curves.png", dpi=120)
     _write_curves(root, metrics)
     return summary
 
@@ -160,9 +163,13 @@ def copy_study_for_docs(root: Path, docs: Path, study: str, arms: list[str]) -> 
     """Copy the study's table, per-run rows, curves and figure (no checkpoints) into `docs`, and
     each arm's table and accuracy-against-sampled-tokens figure as <arm>_<file>."""
     docs.mkdir(parents=True, exist_ok=True)
-    figure = "stability_map.png" if study == "stability" else "regime_curves.png"
+    figures = (
+        ("stability_map.png",)
+        if study == "stability"
+        else ("regime_curves.png", "mechanism_curves.png")
+    )
     tables = ("summary.md", "summary.csv", "mechanism.md", "mechanism.csv", "runs.csv")
-    for name in (*tables, "curves.csv", "study.json", figure):
+    for name in (*tables, "curves.csv", "study.json", *figures):
         if (root / name).is_file():
             shutil.copy2(root / name, docs / name)
     for arm in arms:
