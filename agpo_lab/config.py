@@ -619,7 +619,7 @@ class WarmStartConfig(Settings):
     `model.name_or_path` names it like a fetched model."""
     seed: int = 0
     """Seeds the LoRA init, the SFT data stream and the card's sampling."""
-    steps: int = 120
+    steps: int = 90
     """Optimizer steps (each on a fresh batch of worked solutions)."""
     batch_size: int = 16
     """Worked solutions per optimizer step."""
@@ -636,14 +636,14 @@ class WarmStartConfig(Settings):
     """LoRA scale numerator: the update is (alpha / r) * B A."""
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Difficulty levels of the SFT questions (the RL training mix of configs/smollm2)."""
-    max_verbosity: int = 3
+    max_verbosity: int = 4
     """Each solution gets uniformly 0..max_verbosity redundant segments (re-checks, restatements):
     verbosity is the model's sampled choice, as in the embedded model's traces."""
     error_rate: float = 0.05
     """Probability that a step of a worked solution is a slip (the answer is then wrong too)."""
     save_every: int = 20
     """Save the SFT state every this many steps (an interrupted build resumes from there)."""
-    card_train_problems: int = 48
+    card_train_problems: int = 96
     """Problems of the RL training mix (train split, the configs/smollm2 task) the card measures."""
     card_eval_problems: int = 45
     """Held-out problems the card measures (eval split, never trained on)."""
@@ -651,10 +651,12 @@ class WarmStartConfig(Settings):
     """Samples per problem (G) for the card's pass@1 and group kinds."""
     temperature: float = 0.5
     """Sampling temperature of the card (the RL recipes' rollout.temperature)."""
-    max_new_tokens: int = 96
-    """Generation limit of the card (the RL recipes' rollout.max_new_tokens)."""
+    max_new_tokens: int = 128
+    """Generation limit of the card (configs/smollm2/warm_compare.yaml's rollout.max_new_tokens)."""
     num_threads: int = 2
     """torch CPU threads (fixed, since thread count can change float reduction order)."""
+    docs_dir: str | None = str(DOCS_RESULTS_DIR / "smollm2" / "warm_start")
+    """Where the finished build's card (README.md, card.json) is copied for the docs; null: not."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -21,7 +22,7 @@ def tiny_settings(model_dir, name: str) -> WarmStartConfig:
     return WarmStartConfig(
         base_model=str(model_dir), name=name, steps=3, batch_size=4, warmup_steps=3,
         lora_r=2, lora_alpha=4, save_every=1, card_train_problems=3, card_eval_problems=3,
-        group_size=2, max_new_tokens=8,
+        group_size=2, max_new_tokens=8, docs_dir=None,
     )  # fmt: skip
 
 
@@ -48,8 +49,10 @@ def test_sft_batches_are_a_function_of_seed_and_step(tiny_model_dir):
 
 def test_build_is_deterministic_resumable_and_carded(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AGPO_LAB_MODELS_DIR", str(tmp_path))
-    whole = build_warm_start(tiny_settings(tiny_model_dir, "whole"), command="test")
+    settings = dataclasses.replace(tiny_settings(tiny_model_dir, "whole"), docs_dir=str(tmp_path))
+    whole = build_warm_start(settings, command="test")
     card = json.loads((whole / "card.json").read_text())
+    assert json.loads((tmp_path / "card.json").read_text()) == card  # the copy for the docs
     for name in ("rl_train_mix", "held_out"):
         stats = card[name]
         assert stats["n_problems"] == 3 and 0 <= stats["pass@1_sampled"] <= 1

@@ -253,6 +253,11 @@ def build_warm_start(cfg: WarmStartConfig, command: str, progress: bool = True) 
     write_file(staging / "README.md", render_warm_card(card).encode())
     (staging / STATE_FILE).unlink(missing_ok=True)
     staging.rename(target)
+    if cfg.docs_dir:
+        docs = Path(cfg.docs_dir)
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in ("README.md", "card.json"):
+            shutil.copy2(target / name, docs / name)
     return target
 
 
