@@ -231,6 +231,29 @@ class RunDir:
                 moved_total += len(moved)
         return moved_total
 
+    def restore_rows(self, step: int, saved: dict[str, list[dict[str, Any]]]) -> list[str]:
+        """Put back the rows of `step` (the checkpointed step, the last one in the logs after
+        `roll_back`) that a log lost, from the copy its checkpoint keeps: a torn last line is
+        never a lost step. Returns the names of the logs restored, with a warning."""
+        restored = []
+        for name, rows in saved.items():
+            log, rows = self.path / name, [r for r in rows if r.get("step") == step]
+            if name not in LOGS or not rows:
+                continue
+            kept = _read_jsonl(log) if log.is_file() else []
+            if sum(r.get("step") == step for r in kept) >= len(rows):
+                continue
+            kept = [r for r in kept if r.get("step") != step] + rows
+            self._write(log, "".join(_json_line(r) for r in kept).encode())
+            restored.append(name)
+            warnings.warn(
+                f"{log}: restored the rows of step {step} from its checkpoint (the log had lost "
+                "them)",
+                RunDirWarning,
+                stacklevel=2,
+            )
+        return restored
+
     def _write(self, path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):  # a failure to create it shows in the write
             path.parent.mkdir(parents=True, exist_ok=True)
