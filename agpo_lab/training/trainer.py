@@ -334,11 +334,13 @@ class Trainer:
         ).view(-1, G)
         lengths, truncated = out.lengths.cpu().view(-1, G), out.truncated.cpu().view(-1, G)
         rewards = shaped_rewards(scores, lengths, a, self.cfg.rollout.max_new_tokens)
+        self._check_finite("rewards", rewards)
         advantages, group_mask = group_advantages(rewards, a)
         device = self.processes.device
         row_adv, token_adv = token_advantages(
             rewards, advantages, out.entropy, out.completion_mask, a
         )
+        self._check_finite("advantages", row_adv if token_adv is None else token_adv)
         batch = RowBatch(
             prompt_ids=out.prompt_ids,
             prompt_mask=out.prompt_mask,
@@ -449,11 +451,11 @@ class Trainer:
             max_norm = o.max_grad_norm or float("inf")
             step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
             if not math.isfinite(step_stats["grad_norm"]):  # a non-finite loss: never step on it
-                raise self._non_finite("loss gradient", step_stats["grad_norm"])
+                raise self._non_finite(f"the loss's gradient norm is {step_stats['grad_norm']}")
             self._mid_update = True  # from here on the weights differ from the step's start
             state.optimizer.step()
             if not torch.stack([p.isfinite().all() for p in self.params]).all():
-                raise self._non_finite("weights", "overflowed to inf or nan")
+                raise self._non_finite("the weights overflowed to inf or nan")
             faults.point("update.optimizer_step")
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -504,13 +506,19 @@ class Trainer:
             if self._trackers is not None:
                 self._trackers.log(metrics)
 
-    def _non_finite(self, what: str, value: Any) -> NonFiniteError:
+    def _check_finite(self, what: str, values: torch.Tensor) -> None:
+        """Stop with a NonFiniteError when `values` hold a NaN or an infinity (an overflow)."""
+        bad = values[~values.isfinite()]
+        if bad.numel():
+            raise self._non_finite(f"the {what} include {bad[0].item()}")
+
+    def _non_finite(self, problem: str) -> NonFiniteError:
         """The one-line error of a step whose loss or weights stopped being finite numbers: it
         names the step, the setting most likely at fault and the checkpoint that is kept."""
         latest = find_latest_checkpoint(self.run_dir.path)
         kept = f"{latest.name} is kept" if latest else "no checkpoint was saved yet"
         return NonFiniteError(
-            f"step {self.step + 1}: the {what} {value} is not a finite number, so the run stopped "
+            f"step {self.step + 1}: {problem} (not finite), so the run stopped "
             f"without saving this step ({kept}); most likely {suspect_setting(self.cfg)}"
         )
 
@@ -569,15 +577,15 @@ class Trainer:
 
 def suspect_setting(cfg: TrainConfig) -> str:
     """The float setting of rollout, algorithm and optim furthest from its default (by orders of
-    magnitude) as "key=value (default d): bring it closer", or optim.lr when none is 10x off: the
-    usual cause of a loss or weights that overflow."""
+    magnitude; from 1 when the default is 0) as "key=value (default d): bring it closer", or
+    optim.lr when none is 10x off: the usual cause of a loss or weights that overflow."""
     defaults, worst, text = TrainConfig(), 1.0, f"optim.lr={cfg.optim.lr:g} is too high: lower it"
     for section in ("rollout", "algorithm", "optim"):
         for name, value in vars(getattr(cfg, section)).items():
             default = getattr(getattr(defaults, section), name)
-            if not isinstance(value, float) or not value or not default:
+            if not isinstance(value, float) or not value:
                 continue
-            off = abs(math.log10(abs(value) / abs(default)))
+            off = abs(math.log10(abs(value) / abs(default or 1.0)))  # a default 0: vs 1
             if off > worst:
                 worst = off
                 text = f"{section}.{name}={value:g} (default {default:g}): bring it closer"
