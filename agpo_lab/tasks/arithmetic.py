@@ -234,7 +234,10 @@ class ArithmeticTask:
         """All problems of ``"train"`` or ``"eval"`` (``"test"`` is an alias), level by level."""
         split = {"test": "eval"}.get(split, split)
         if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'eval' (alias 'test')")
+            raise ConfigError(
+                f"the arithmetic task has no {split!r} split; set task.train_split / "
+                "task.eval_split to train or eval (alias test)"
+            )
         if split not in self._cache:
             self._cache[split] = self._build(split)
         return list(self._cache[split])
