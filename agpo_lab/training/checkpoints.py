@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable weights, the optimizer and scheduler states, the step and every
 random state: torch's global RNG, the data generator (prompt order and mini-batch shuffles,
-identical on all processes) and each process's sampling generator. `TrainingState` is that set of
+identical on all processes) and each process's sampling generator; and the log rows its step
+wrote, which a resume puts back when a torn write lost them. `TrainingState` is that set of
 objects; the trainer owns one and saves or restores it here, so a resumed run continues bit for bit
 on CPU.
 

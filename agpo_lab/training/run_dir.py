@@ -18,7 +18,9 @@ A run directory behaves like a small database:
   flushed to disk and moved over the old one, so a crash leaves the old file or the new one, never
   half of one; temporaries a crash left behind are removed by the next `open`.
 - **Append-only logs that survive a torn write** (`LOGS`): a last line cut short by a crash or a
-  full disk is dropped by the next `open`, with a warning, and its bytes are kept in <log>.torn.
+  full disk is dropped by the next `open`, with a warning, and its bytes are kept in <log>.torn;
+  a row of a step that has a checkpoint comes back from the copy the checkpoint keeps
+  (`restore_rows`), so the logs always reach the last checkpointed step.
 - **Resume rolls every log back** to the checkpoint's step (`roll_back`): the rows of steps that
   will run again move to <log>.orphaned.jsonl; nothing is deleted.
 
