@@ -545,6 +545,17 @@ def test_numbers_beyond_float32_or_64_bits_are_one_line_errors(overrides, fragme
     assert fragment in message and "\n" not in message and len(message) < 300, message
 
 
+def test_reproduce_checks_every_run_against_the_machine_before_starting_one(tmp_path):
+    from agpo_lab.config import ReproduceConfig
+    from agpo_lab.experiments.reproduce import reproduce
+
+    cfg = ReproduceConfig(name="big", out_dir=str(tmp_path), methods=("grpo",), seeds=(0,),
+                          docs=False, overrides=["rollout.max_new_tokens=1e12"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^rollout\.max_new_tokens=1000000000000: .* GiB"):
+        reproduce(cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no results folder, no run started
+
+
 # ---- names and config files ---------------------------------------------------------------------
 
 
@@ -720,3 +731,121 @@ def test_help_documents_exit_status_130(verb, capsys):
     assert main([verb, "--help"] if verb else ["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "130 stopped by Ctrl-C or SIGTERM" in out and "2 a bad setting" in out
+
+
+# ---- every key, any value: accepted and run, or one line ------------------------------------------
+
+PROPERTY_BASE = {
+    "task": {"name": "arithmetic", "n_train": 10, "n_eval": 5, "levels": [1]},
+    "rollout": {"group_size": 2, "max_new_tokens": 8},
+    "optim": {"lr": 1e-4},
+    "run": {"steps": 2, "prompts_per_step": 2, "device": "cpu", "save_every": 1,
+            "log_samples_every": 1, "num_samples": 2, "name": "run"},
+    "eval": {"n_problems": 2, "k": 2, "max_new_tokens": 8},
+}  # fmt: skip
+"""The embedded model with tiny settings: 2 steps of 2 prompts x G=2, 8 tokens, a checkpoint each."""
+ALL_KEYS = [
+    f"{section}.{key}"
+    for section in SECTIONS
+    for key in typing.get_type_hints(type(getattr(TrainConfig(), section)))
+]
+CHOICES = sorted(
+    {
+        str(choice)
+        for section in SECTIONS
+        for hint in typing.get_type_hints(type(getattr(TrainConfig(), section))).values()
+        for arg in (hint, *typing.get_args(hint))
+        if typing.get_origin(arg) is typing.Literal
+        for choice in typing.get_args(arg)
+    }
+)
+"""Every named choice of every setting (estimators, tasks, dtypes, ...), so that valid ones come up."""
+RUN_BUDGET = 4096
+"""The test runs an accepted config when its first steps sample and evaluate at most this many
+tokens (rows x max_new_tokens x epochs x rounds): a value that only multiplies the work of a step
+(mu, group_size, eval sizes) fails, if ever, the same way at every size, and slow is not hung."""
+
+
+def any_value():
+    """Values of every YAML type and magnitude, and the settings' own choices; plausible ones
+    (small sizes, fractions, choices) often, so that many examples pass and run."""
+    from hypothesis import strategies as st
+
+    magnitude = st.builds(lambda m, e: m * 10.0**e, st.floats(-10, 10), st.integers(-330, 308))
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-3, 64), magnitude,
+        st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12), st.sampled_from(CHOICES),
+    )  # fmt: skip
+    plausible = st.one_of(st.integers(0, 16), st.floats(0, 2), st.sampled_from(CHOICES))
+    nested = st.one_of(
+        st.lists(scalar, max_size=4), st.dictionaries(st.text(max_size=4), scalar, max_size=2)
+    )
+    return st.one_of(plausible, plausible, scalar, scalar, nested)
+
+
+def first_steps_work(cfg: TrainConfig) -> int:
+    """Tokens the first two steps sample and evaluate, at most (see RUN_BUDGET)."""
+    a, r, e = cfg.algorithm, cfg.rollout, cfg.eval
+    rows = cfg.run.prompts_per_step * r.group_size
+    work = rows * r.max_new_tokens * a.mu * (1 + a.max_resample_rounds)
+    if cfg.run.eval_at_start or 1 <= cfg.run.eval_every <= 2:
+        n = min(e.n_problems or cfg.task.n_eval, cfg.task.n_eval)
+        work += n * (e.k + e.greedy) * e.max_new_tokens
+    return work + cfg.task.n_train + cfg.task.n_eval
+
+
+def test_every_key_with_any_value_is_accepted_and_runs_or_is_one_line(tmp_path, monkeypatch):
+    """Random values of every type and magnitude for one or two keys at once go through
+    `load_config`; a rejected one is one ConfigError line naming the section, an accepted one runs
+    the first two RL steps on the embedded model with tiny settings: it finishes, or stops with
+    one line (an AgpoLabError), never a traceback; a run that stops keeps its earlier
+    checkpoints readable."""
+    import copy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agpo_lab.errors import AgpoLabError
+    from agpo_lab.models.loading import load_policy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a random model name never waits for the hub
+    monkeypatch.chdir(tmp_path)  # a random relative out_dir lands here
+    embedded, tokenizer = load_policy(TrainConfig().model, "cpu")
+    counter = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])  # fmt: skip
+    @given(st.dictionaries(st.sampled_from(ALL_KEYS), any_value(), min_size=1, max_size=2))
+    def check(changes: dict):
+        data = copy.deepcopy(PROPERTY_BASE)
+        data["run"]["out_dir"] = str(tmp_path / f"runs{next(counter)}")
+        for key, value in changes.items():
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        try:
+            cfg = load_config(path)
+        except ConfigError as err:
+            message = str(err)
+            assert "\n" not in message, (changes, message)
+            assert any(key.split(".")[0] in message for key in changes), (changes, message)
+            return
+        out = Path(cfg.run.out_dir).resolve()
+        if first_steps_work(cfg) > RUN_BUDGET or not out.is_relative_to(tmp_path):
+            return  # accepted; too much work for a unit test, or a folder outside this test's
+        own_model = any(key.startswith("model.") for key in changes)
+        model = None if own_model else copy.deepcopy(embedded)
+        try:
+            trainer = Trainer(cfg, model=model, tokenizer=None if own_model else tokenizer)
+            trainer.train(callback=lambda step, metrics: step >= 2)
+        except AgpoLabError as err:
+            message = str(err)
+            assert "\n" not in message, (changes, message)
+            run = Path(cfg.run.out_dir) / cfg.run.name
+            for checkpoint in (run / "checkpoints").glob("*.safetensors"):
+                load_checkpoint(checkpoint)  # every kept checkpoint is intact
+
+    check()
