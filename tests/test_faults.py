@@ -498,7 +498,7 @@ def forbid_model_loading(monkeypatch) -> None:
         ("eval.max_new_tokens=1e12", "eval.max_new_tokens=1000000000000: ", "GiB, more than"),
         ("eval.k=1e9", "eval.k=1000000000: ", "GiB, more than"),
         ("task.n_train=1e10", "task.n_train=10000000000: ", "distinct questions"),
-        ("task.n_eval=1e10", "task.n_eval=10000000000: ", "distinct questions"),
+        ("task.n_eval=1e10 run.eval_every=1", "task.n_eval=10000000000: ", "distinct questions"),
         ("run.seed=-9e18", "run.seed=-9000000000000000000: ", "must lie in"),
     ],
 )
@@ -507,7 +507,7 @@ def test_sizes_beyond_the_machine_or_the_task_are_one_line_before_anything_loads
 ):
     forbid_model_loading(monkeypatch)
     with pytest.raises(ConfigError) as info:
-        Trainer(make_config(tiny_model_dir, tmp_path, override), task=ParityTask())
+        Trainer(make_config(tiny_model_dir, tmp_path, *override.split()), task=ParityTask())
     message = str(info.value)
     assert message.startswith(start) and limit in message and "\n" not in message, message
     assert not (tmp_path / "run").exists()  # not even an empty run folder

@@ -101,7 +101,7 @@ def check_job_bounds(jobs: list[Job]) -> None:
 
     for job in jobs:
         cfg = job_config(job)
-        check_run_bounds(cfg, cfg.run.device)
+        check_run_bounds(cfg, cfg.run.device, evaluates=True)  # every job evaluates
 
 
 EXIT_INTERRUPTED = 3

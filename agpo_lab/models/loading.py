@@ -204,7 +204,9 @@ def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
         ).to(device)
-    except ModelLoadError as err:  # transformers refuses an unknown kernel name: the setting's fault
+    except (
+        ModelLoadError
+    ) as err:  # transformers refuses an unknown kernel name: the setting's fault
         if "attn_implementation" not in str(err):
             raise
         raise ConfigError(

@@ -225,8 +225,6 @@ class ArithmeticTask:
                 f"task.n_train={n_train}, task.n_eval={n_eval}: each must be >= the number of "
                 f"levels ({len(self.levels)})"
             )
-        check_problem_counts("task.n_train", n_train, self.levels, 1 - EVAL_FRACTION)
-        check_problem_counts("task.n_eval", n_eval, self.levels, EVAL_FRACTION)
         self.seed, self.n_train, self.n_eval = seed, n_train, n_eval
         self._cache: dict[str, list[Problem]] = {}
 
@@ -242,7 +240,16 @@ class ArithmeticTask:
             self._cache[split] = self._build(split)
         return list(self._cache[split])
 
+    def check_size(self, split: str) -> None:
+        """A one-line ConfigError, at once, when the split asks for more problems than the task
+        can draw (`check_problem_counts`); building the split would search for minutes first."""
+        if split == "train":
+            check_problem_counts("task.n_train", self.n_train, self.levels, 1 - EVAL_FRACTION)
+        else:
+            check_problem_counts("task.n_eval", self.n_eval, self.levels, EVAL_FRACTION)
+
     def _build(self, split: str) -> list[Problem]:
+        self.check_size(split)
         total = self.n_train if split == "train" else self.n_eval
         problems: list[Problem] = []
         for k, level in enumerate(self.levels):

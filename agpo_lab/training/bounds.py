@@ -56,13 +56,20 @@ def sampling_seed(seed: int, rank: int) -> int:
 
 
 def check_run_bounds(
-    cfg: TrainConfig, device: str | torch.device, world: int = 1, model_config: Any = None
+    cfg: TrainConfig,
+    device: str | torch.device,
+    world: int = 1,
+    model_config: Any = None,
+    evaluates: bool | None = None,
 ) -> None:
     """Raise a one-line ConfigError when a training run of `cfg` cannot work on this machine: its
     seeds, its task's size, the memory of a step and of an evaluation. `model_config`: the
-    config of a model passed in directly (else config.json of model.name_or_path is read)."""
+    config of a model passed in directly (else config.json of model.name_or_path is read);
+    `evaluates`: whether the eval split is used (None: when run.eval_every or eval_at_start)."""
     check_seeds(cfg, world)
-    check_task_size(cfg)
+    if evaluates is None:
+        evaluates = bool(cfg.run.eval_every or cfg.run.eval_at_start)
+    check_task_size(cfg, ("train", "eval") if evaluates else ("train",))
     arch = model_architecture(cfg.model.name_or_path, model_config)
     if arch is None:  # a hub id not on disk: the loader reports it; nothing to estimate from
         return
@@ -85,11 +92,14 @@ def check_seeds(cfg: TrainConfig, world: int = 1) -> None:
         )
 
 
-def check_task_size(cfg: TrainConfig) -> None:
-    """The embedded task must have as many distinct problems as task.n_train / n_eval ask."""
+def check_task_size(cfg: TrainConfig, splits: tuple[str, ...]) -> None:
+    """The embedded task must have as many distinct problems as task.n_train / n_eval ask (of
+    the splits used), which it can tell without drawing one."""
     t = cfg.task
-    if t.name in ("arithmetic", "word_arithmetic"):  # the constructor checks, builds nothing
-        ArithmeticTask(seed=t.seed, n_train=t.n_train, n_eval=t.n_eval, levels=t.levels)
+    if t.name in ("arithmetic", "word_arithmetic"):
+        task = ArithmeticTask(seed=t.seed, n_train=t.n_train, n_eval=t.n_eval, levels=t.levels)
+        for split in splits:
+            task.check_size(split)
 
 
 def model_architecture(name_or_path: str, model_config: Any = None) -> Architecture | None:
@@ -219,7 +229,7 @@ def _with(cfg: TrainConfig, key: str, value: Any) -> TrainConfig:
 def check_eval_bounds(cfg: TrainConfig, target: str, device: str) -> None:
     """Raise a one-line ConfigError when evaluating `target` (a run directory, whose model is
     cfg.model, or a model) with cfg's eval and task settings cannot work on `device`."""
-    check_task_size(cfg)
+    check_task_size(cfg, ("eval",))
     is_run = (Path(target) / "config.yaml").is_file()
     arch = model_architecture(cfg.model.name_or_path if is_run else target)
     found = memory_limit(device)
