@@ -78,7 +78,8 @@ def check_run_bounds(
         return
     limit, where = found
     check_memory(cfg, arch, limit, where, _train_peak, TRAIN_MEMORY_KEYS, world)
-    check_memory(cfg, arch, limit, where, _eval_peak, EVAL_MEMORY_KEYS, world)
+    if evaluates:
+        check_memory(cfg, arch, limit, where, _eval_peak, EVAL_MEMORY_KEYS, world)
 
 
 def check_seeds(cfg: TrainConfig, world: int = 1) -> None:
