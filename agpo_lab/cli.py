@@ -13,7 +13,8 @@
 Every verb's `--help` comes from the settings' own docstrings (`agpo_lab.config`): `train --help`
 lists every section.key, `reproduce --help` and `pretrain --help` every flag (one per field of
 `ReproduceConfig` / `PretrainConfig`). A bad setting, a bad flag or a missing file prints one line
-to stderr and exits with status 2 (no traceback).
+to stderr and exits with status 2 (no traceback); a command stopped by Ctrl-C or SIGTERM exits
+with status 130 (`EXIT_STATUS`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import json
 import math
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,9 @@ from agpo_lab.training.run_dir import check_writable, write_file
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 """What a section.key=value override looks like on the command line."""
+EXIT_STATUS = """exit status: 0 done; 2 a bad setting, flag or file (one line on stderr, nothing \
+lost); 130 stopped by Ctrl-C or SIGTERM (what was done is saved: the same command continues it)"""
+"""The exit statuses of every verb, as `--help` shows them."""
 
 
 class UsageError(AgpoLabError):
@@ -102,6 +108,11 @@ def train_main(argv: list[str]) -> int:
     trainer.train(callback=progress)
     bar.close()
     print(f"run directory: {trainer.run_dir.path}")
+    if trainer.interrupted:  # exit status 130, as for any interrupted command
+        raise Interrupted(
+            f"interrupted after step {trainer.step} of {cfg.run.steps}, which is saved; "
+            f"`agpo-lab train {trainer.run_dir.path}` continues it"
+        )
     return 0
 
 
@@ -141,6 +152,7 @@ def eval_main(argv: list[str]) -> int:
         raise UsageError(f"{foreign[0]!r}: eval takes only eval.* and task.* overrides")
     from agpo_lab.evaluation import evaluate_records, summarize_records
     from agpo_lab.tasks.registry import build_task
+    from agpo_lab.training.bounds import check_eval_bounds
     from agpo_lab.training.checkpoints import load_run_policy
 
     # The settings and the outputs first (a typo or a read-only folder fails before any model
@@ -154,6 +166,7 @@ def eval_main(argv: list[str]) -> int:
     outputs = [Path(p) for p in (out, args.records) if p]
     for path in outputs:
         check_writable(path)
+    check_eval_bounds(cfg, args.target, args.device)  # memory and task size, from config.json
     model, tokenizer, _, description = load_run_policy(args.target, args.device)
     task = build_task(cfg.task)
     problems = task.problems(args.split or cfg.task.eval_split)
@@ -213,7 +226,12 @@ def parse_flags(cls: type, verb: str, argv: list[str]) -> Any:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit status 2), like every other error."""
+    """argparse whose usage errors are one line on stderr (exit status 2), like every other error;
+    its --help ends with the exit statuses."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["epilog"] = "\n\n".join(filter(None, (kwargs.get("epilog"), EXIT_STATUS)))
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -358,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print((__doc__ or "").split("\n\n")[0] + "\n")
         for name, verb in VERBS.items():
             print(f"  {name:10s} {(verb.__doc__ or '').splitlines()[0]}")
+        print(f"\n{EXIT_STATUS}")
         return 0 if argv else 2
     verb = VERBS.get(argv[0])
     if verb is None:
@@ -365,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             f"agpo-lab: unknown command {argv[0]!r}; use one of {', '.join(VERBS)}", file=sys.stderr
         )
         return 2
+    # SIGTERM stops a command as Ctrl-C does (training and reproduce install their own handler,
+    # which saves first); either way the status is 130.
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers live there
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return int(verb(argv[1:]) or 0)
     except AgpoLabError as err:  # the user's input or environment: one line, no traceback
@@ -375,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as done:  # argparse's usage errors and --help end this way
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

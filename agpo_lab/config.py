@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -37,6 +38,68 @@ ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
 """Difficulty levels of the embedded task (described in `agpo_lab.tasks.arithmetic.LEVELS`)."""
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
+FLOAT32_MAX = (2 - 2**-23) * 2.0**127
+"""The largest float32 (3.4e38): rewards, advantages, the loss and the weights' updates are float32
+tensors, so a setting that enters them, or a product of settings, must stay below it."""
+FLOAT32_TINY = 2.0**-126
+"""The smallest normal float32 (1.2e-38): a non-zero setting below it becomes 0 or loses its
+precision once it meets a float32 tensor (1 / temperature overflows)."""
+INT64_MAX = 2**63 - 1
+"""Whole-number settings become torch sizes, indices and seeds, which are 64-bit integers."""
+NAME_MAX_BYTES = 255
+"""The longest file name Linux and macOS file systems take (NAME_MAX), in UTF-8 bytes."""
+_FOLDER_NAME = re.compile(r"\w[\w.,+=@-]*")
+"""A folder name that stays one path component: a letter, digit or _ first (never . or ..),
+then letters, digits and _ . , + = @ - (no separator, no space, no control character)."""
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` cannot be the name of a folder agpo_lab creates, or None when it can.
+
+    Example: ``folder_name_problem("..")`` says why; ``folder_name_problem("agpo-seed0")`` is None.
+    """
+    if not _FOLDER_NAME.fullmatch(name):
+        return (
+            "must be one folder name: a letter, digit or _ first, then letters, digits and "
+            "_ . , + = @ - (no /, no space; never . or ..), e.g. agpo-seed0"
+        )
+    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        return f"is longer than the {NAME_MAX_BYTES} bytes a file name can have; shorten it"
+    return None
+
+
+def _number_problem(value: Any) -> str | None:
+    """Why a number cannot be a setting (not finite, beyond float32 or 64 bits), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if value and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+            return (
+                f"must be 0 or between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g} in size (float32, "
+                "which the training math runs in)"
+            )
+    if isinstance(value, int) and abs(value) > INT64_MAX:
+        return f"must fit in 64 bits (|n| <= {INT64_MAX}): sizes and seeds are 64-bit integers"
+    if isinstance(value, str) and not _is_utf8(value):
+        return "must be valid UTF-8 text"
+    return None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message, cut to `limit` characters (a value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (e.g. in argv)
+        return False
+    return True
+
 
 def _checker(prefix: str, section: Any):
     """A `check(key, ok, rule)` for one section: raises the one-line error every setting uses,
@@ -45,7 +108,7 @@ def _checker(prefix: str, section: Any):
     def check(key: str, ok: bool, rule: str) -> None:
         if not ok:
             name = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"{name}={_plain(getattr(section, key))!r}: {rule}")
+            raise ConfigError(f"{name}={_shown(_plain(getattr(section, key)))}: {rule}")
 
     return check
 
@@ -53,8 +116,9 @@ def _checker(prefix: str, section: Any):
 class Settings:
     """Base of every settings dataclass: its values are checked when it is built.
 
-    Every number must be finite (NaN and infinities are never a setting), then the class's own
-    `validate` checks ranges and choices. `PREFIX` is the section name its errors use.
+    Every number must be finite (NaN and infinities are never a setting) and fit the machine's
+    types (float32, 64-bit integers), every text must be UTF-8, then the class's own `validate`
+    checks ranges and choices. `PREFIX` is the section name its errors use.
     """
 
     PREFIX = ""
@@ -64,8 +128,8 @@ class Settings:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             values = getattr(self, f.name)
             values = values if isinstance(values, (list, tuple)) else [values]
-            finite = all(math.isfinite(v) for v in values if isinstance(v, float))
-            check(f.name, finite, "must be a finite number")
+            problems = [p for p in map(_number_problem, values) if p]
+            check(f.name, not problems, problems[0] if problems else "")
         self.validate()
 
     def validate(self) -> None:
@@ -359,8 +423,8 @@ class RunConfig(Settings):
         for key in ("eval_every", "save_every", "log_samples_every", "num_samples"):
             check(key, getattr(self, key) >= 0, "must be >= 0")
         check("out_dir", bool(self.out_dir.strip()), "must name a folder")
-        name_ok = self.name is None or (bool(self.name.strip()) and "/" not in self.name)
-        check("name", name_ok, "must be a folder name without '/', or null")
+        name_problem = None if self.name is None else folder_name_problem(self.name)
+        check("name", name_problem is None, f"{name_problem} (or null for a generated name)")
         cuda_n = self.device.startswith("cuda:") and self.device[5:].isdigit()
         check(
             "device",
@@ -463,6 +527,7 @@ class TrainConfig:
             overlong_ok,
             f"must be < rollout.max_new_tokens={rollout.max_new_tokens}",
         )
+        _check_float32_products(self)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -491,6 +556,83 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _check_float32_products(cfg: TrainConfig) -> None:
+    """Products of settings that the trainer computes in float32 must stay below FLOAT32_MAX.
+
+    AdamW's first step moves a weight by lr / (1 - beta1) and decays it by lr * weight_decay; a
+    group's reward statistics sum G squared deviations, each up to (1 + length weight)^2 (the
+    score is in [0, 1], the length terms are at most the weight in size).
+    """
+    optim, algorithm, G = cfg.optim, cfg.algorithm, cfg.rollout.group_size
+    check, limit = _checker("optim", optim), f"overflows float32 (max {FLOAT32_MAX:.3g})"
+    step = optim.lr / (1 - optim.betas[0])
+    rule = f"AdamW's first step, lr / (1 - betas[0]) = {step:.3g}, {limit}; lower it"
+    check("lr", step <= FLOAT32_MAX, rule)
+    decay = optim.lr * optim.weight_decay
+    rule = f"lr * weight_decay = {decay:.3g} {limit}; lower it or optim.lr"
+    check("weight_decay", decay <= FLOAT32_MAX, rule)
+    if algorithm.length_reward in ("agpo", "kimi"):
+        largest = math.sqrt(FLOAT32_MAX / G) - 1
+        rule = f"must be <= {largest:.3g}, or a group's reward variance (G={G}) {limit}"
+        _checker("algorithm", algorithm)("length_weight", algorithm.length_weight <= largest, rule)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few kB; anything over 1 MiB is not one (and is refused before parsing)."""
+MAX_CONFIG_DEPTH = 16
+"""Nesting a config may have: its schema needs 4 levels (sections, keys, lists, values)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader with a depth limit (its composer recurses once per level, so 50,000 `[`
+    would end in a RecursionError) and without aliases (*name), whose expansion can be
+    exponentially larger than the file."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("anchors and aliases (*name) are not supported in a config")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` with the config limits (depth, no aliases); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def read_config_file(path: Path) -> Any:
+    """The YAML in `path`, or a one-line ConfigError for a file too large, not UTF-8 text, not
+    valid YAML or too deep."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES}); "
+                "pass a YAML config file"
+            )
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror or type(err).__name__})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is allowed
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save "
+            "the config as UTF-8 YAML"
+        ) from None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (None: all defaults), apply ``section.key=value`` overrides, validate.
 
@@ -501,10 +643,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"config file not found: {path}; pass an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        data = read_config_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return TrainConfig.from_dict(apply_overrides(data, overrides or []))
@@ -519,9 +658,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r} must look like section.key=value (run.steps=10)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            if "nested deeper" in str(err) or "aliases" in str(err):
+                raise ConfigError(f"override {key.strip()}: {str(err).splitlines()[0]}") from None
+            value = raw  # not YAML: the text itself (a name, a path)
         section = data.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise ConfigError(f"config section '{parts[0]}' must be a mapping, got {section!r}")
@@ -716,6 +857,8 @@ class ReproduceConfig(Settings):
         check("methods", bool(self.methods) and unique, "name at least one method, each once")
         check("seeds", bool(self.seeds), "name at least one seed")
         check("jobs", self.jobs >= 1, "must be >= 1")
+        name_problem = None if self.name is None else folder_name_problem(self.name)
+        check("name", name_problem is None, f"{name_problem} (or leave it out)")
         check("base_config", Path(self.base_config).is_file(), "file not found; pass a YAML config")
         for item in self.overrides:
             well_formed = "=" in item and "." in item.partition("=")[0]
@@ -778,6 +921,8 @@ class StudyConfig(Settings):
         check("checkpoints", bool(self.checkpoints), "name at least one checkpoint")
         check("weak_steps", self.weak_steps >= 1, "must be >= 1")
         check("jobs", self.jobs >= 1, "must be >= 1")
+        name_problem = None if self.name is None else folder_name_problem(self.name)
+        check("name", name_problem is None, f"{name_problem} (or leave it out)")
         check("base_config", Path(self.base_config).is_file(), "file not found; pass a YAML config")
         for item in self.overrides:
             well_formed = "=" in item and "." in item.partition("=")[0]
@@ -821,43 +966,56 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {_shown(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(args)}")
+            raise ConfigError(
+                f"{key}={_shown(value)} is not valid; choose one of {', '.join(args)}"
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list like [a, b]")
+            raise ConfigError(f"{key}={_shown(value)}: expected a list like [a, b]")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
+                raise ConfigError(f"{key}={_shown(value)}: expected {len(args)} values")
             return tuple(coerce(v, a, key) for v, a in zip(value, args))
         item_type = args[0] if args else Any
         return origin(coerce(v, item_type, key) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
+            raise ConfigError(f"{key}={_shown(value)}: expected true or false")
         return value
     if tp in (int, float):
         written = value
         if isinstance(value, str):
             try:
-                value = float(value) if tp is float else int(value)
+                value = float(value) if tp is float else _whole_number(value)
             except ValueError:
-                raise ConfigError(f"{key}={value!r}: expected a number") from None
+                raise ConfigError(f"{key}={_shown(value)}: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
+            raise ConfigError(f"{key}={_shown(value)}: expected a number")
+        if isinstance(value, int) and abs(value) > INT64_MAX:  # too large for a float too
+            raise ConfigError(f"{key}={_shown(written)}: must fit in 64 bits (|n| <= {INT64_MAX})")
         if not math.isfinite(value):
-            raise ConfigError(f"{key}={written!r}: expected a finite number")
+            raise ConfigError(f"{key}={_shown(written)}: expected a finite number")
         if tp is int and float(value) != int(value):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
+            raise ConfigError(f"{key}={_shown(value)}: expected an integer")
         return tp(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}={value!r}: expected a string")
+            raise ConfigError(f"{key}={_shown(value)}: expected a string")
         return str(value)
     return value
+
+
+def _whole_number(text: str) -> int | float:
+    """An int from "12" or from "1e12" (YAML reads 1e12 as text): a float-looking text gives its
+    float, which `coerce` then accepts only when it is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _plain(value: Any) -> Any:

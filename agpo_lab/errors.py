@@ -38,6 +38,11 @@ class CheckpointError(AgpoLabError, ValueError):
     """A checkpoint that cannot be read (corrupt, wrong model) or written."""
 
 
+class NonFiniteError(AgpoLabError, ArithmeticError):
+    """A loss or weights that stopped being finite numbers during a run (names the step and the
+    setting most likely at fault); the run stops without saving that step."""
+
+
 class Interrupted(AgpoLabError):
     """Work stopped by Ctrl-C or SIGTERM after saving what it could; the same command continues
     it (the command line exits with status 130, as for any interrupted command)."""

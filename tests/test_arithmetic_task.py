@@ -53,8 +53,20 @@ def test_train_and_eval_splits_are_disjoint(seed):
 def test_test_is_an_alias_of_eval_and_bad_split_is_rejected():
     task = ArithmeticTask()
     assert task.problems("test") == task.problems("eval")
-    with pytest.raises(ValueError, match="unknown split"):
+    with pytest.raises(ValueError, match="no 'validation' split; set task.train_split"):
         task.problems("validation")
+
+
+def test_level_size_counts_every_question_a_level_can_draw():
+    import random
+
+    from agpo_lab.tasks.arithmetic import level_size, make_question
+
+    for level in (1, 2):  # small enough to draw every question
+        rng = random.Random(0)
+        assert len({make_question(level, rng) for _ in range(50_000)}) == level_size(level)
+    with pytest.raises(ValueError, match="level 1 has 400 distinct questions"):
+        ArithmeticTask(n_train=5 * 401).problems("train")  # refused before drawing any
 
 
 def test_levels_are_labelled_and_balanced():

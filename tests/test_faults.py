@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -174,7 +175,7 @@ def test_sigterm_saves_marks_interrupted_and_resumes_exactly(run_config, tmp_pat
         time.sleep(0.02)  # wait for the first logged step
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate()
-    assert child.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert child.returncode == 130 and "Traceback" not in err, err[-2000:]
     state = json.loads((run / "status.json").read_text())
     assert state["state"] == "interrupted" and state["step"] < STEPS
     assert (run / "checkpoints" / f"step_{state['step']:06d}.safetensors").is_file()
@@ -476,3 +477,379 @@ def test_non_finite_numbers_are_rejected_even_when_built_in_python():
     with pytest.raises(ConfigError, match="optim.betas"):
         OptimizerConfig(betas=(0.9, float("nan")))
     assert torch.isfinite(torch.tensor(OptimizerConfig().lr))
+
+
+# ---- bounds from the machine, the model and the task -------------------------------------------
+
+
+def forbid_model_loading(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bounds were checked")
+
+    monkeypatch.setattr("agpo_lab.training.trainer.load_policy", never)
+
+
+@pytest.mark.parametrize(
+    ("override", "start", "limit"),
+    [
+        ("rollout.max_new_tokens=1e12", "rollout.max_new_tokens=1000000000000: ", "GiB, more than"),
+        ("rollout.group_size=1e9", "rollout.group_size=1000000000: ", "GiB, more than"),
+        ("run.prompts_per_step=1e9", "run.prompts_per_step=1000000000: ", "GiB, more than"),
+        (
+            "eval.max_new_tokens=1e12 run.eval_every=1",
+            "eval.max_new_tokens=1000000000000: ",
+            "GiB, more than",
+        ),
+        ("eval.k=1e9 run.eval_at_start=true", "eval.k=1000000000: ", "GiB, more than"),
+        ("task.n_train=1e10", "task.n_train=10000000000: ", "distinct questions"),
+        ("task.n_eval=1e10 run.eval_every=1", "task.n_eval=10000000000: ", "distinct questions"),
+        ("run.seed=-9e18", "run.seed=-9000000000000000000: ", "must lie in"),
+    ],
+)
+def test_sizes_beyond_the_machine_or_the_task_are_one_line_before_anything_loads(
+    tiny_model_dir, tmp_path, monkeypatch, override, start, limit
+):
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        Trainer(make_config(tiny_model_dir, tmp_path, *override.split()), task=ParityTask())
+    message = str(info.value)
+    assert message.startswith(start) and limit in message and "\n" not in message, message
+    assert not (tmp_path / "run").exists()  # not even an empty run folder
+
+
+def test_the_commands_refuse_a_rollout_that_cannot_fit_in_one_line(run_config, tmp_path):
+    done = train(run_config, tmp_path, "big", "rollout.max_new_tokens=1e12")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "rollout.max_new_tokens=1000000000000: " in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "big").exists()
+    done = agpo_lab("eval", "embedded", "eval.max_new_tokens=1e12", "--quiet")
+    assert done.returncode == 2 and "eval.max_new_tokens=1000000000000: " in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["optim.lr=1e300"], "optim.lr=1e+300: must be 0 or between"),
+        (["optim.lr=1e38"], "optim.lr=1e+38: AdamW's first step"),
+        (["algorithm.length_reward=agpo", "algorithm.length_weight=1e308"],
+         "algorithm.length_weight=1e+308: must be 0 or between"),
+        (["algorithm.length_reward=agpo", "algorithm.length_weight=1e19"],
+         "algorithm.length_weight=1e+19: must be <="),
+        (["optim.lr=1e20", "optim.weight_decay=1e20"], "optim.weight_decay=1e+20: lr * weight_decay"),
+        (["rollout.temperature=1e-300"], "rollout.temperature=1e-300: must be 0 or between"),
+        (["rollout.max_new_tokens=1e30"], "must fit in 64 bits"),
+        (["optim.lr=" + "9" * 400], "must fit in 64 bits"),
+    ],
+)  # fmt: skip
+def test_numbers_beyond_float32_or_64_bits_are_one_line_errors(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message and len(message) < 300, message
+
+
+def test_reproduce_checks_every_run_against_the_machine_before_starting_one(tmp_path):
+    from agpo_lab.config import ReproduceConfig
+    from agpo_lab.experiments.reproduce import reproduce
+
+    cfg = ReproduceConfig(name="big", out_dir=str(tmp_path), methods=("grpo",), seeds=(0,),
+                          docs=False, overrides=["rollout.max_new_tokens=1e12"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^rollout\.max_new_tokens=1000000000000: .* GiB"):
+        reproduce(cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no results folder, no run started
+
+
+# ---- names and config files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/tmp/x", "..\\x", "a b", "-x", "\udcff",
+                                  "x\x00", "é" * 128])  # fmt: skip
+def test_a_run_name_is_one_safe_folder_name(name):
+    from agpo_lab.config import ReproduceConfig, StudyConfig
+
+    with pytest.raises(ConfigError, match=r"^run\.name=") as info:
+        load_config(None, [f"run.name={name}"])
+    assert "\n" not in str(info.value)
+    for cls in (ReproduceConfig, StudyConfig):
+        with pytest.raises(ConfigError, match=r"^name="):
+            cls(name=name)
+    assert load_config(None, ["run.name=agpo_seed-0.lr=1e-4"]).run.name == "agpo_seed-0.lr=1e-4"
+
+
+def test_a_bad_run_name_on_the_command_line_writes_nothing(run_config, tmp_path):
+    out = tmp_path / "out"
+    for name in ("run.name=..", b"run.name=\xff"):  # the bytes are not UTF-8
+        args = [str(AGPO_LAB), "train", str(run_config), f"run.out_dir={out}", name, "--quiet"]
+        done = subprocess.run(args, capture_output=True)
+        stderr = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and stderr.startswith("agpo-lab train: run.name="), stderr
+        assert stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []  # neither out_dir nor its parent got anything
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (bytes(range(256)) * 64, "not UTF-8 text (byte 0x80 at offset 128)"),
+        ("run:\n  steps: 3\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+        (b"[" * 50_000, "nested deeper than 16 levels"),
+        (b"run:\n  steps: 3\n" + b"#" * (1 << 20), "too large for a config"),
+        (b"a: &x [1]\nrun: {steps: *x}\n", "aliases (*name) are not supported"),
+    ],
+    ids=["binary", "utf16", "deep", "large", "alias"],
+)
+def test_config_files_that_are_not_small_utf8_yaml_are_one_line_errors(tmp_path, content, fragment):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)[:500]
+
+
+def test_a_binary_or_deep_config_on_the_command_line_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_bytes(b"[" * 50_000)  # a RecursionError and 2,999 lines of stderr before
+    for config in (deep, Path(shutil.which("ls") or sys.executable)):
+        done = agpo_lab("train", str(config), "--quiet")
+        assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+        assert str(config) in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- checkpoints of another shape, the lost last row ---------------------------------------------
+
+
+def test_a_checkpoint_of_another_shape_is_one_line_in_train_and_eval(tiny_model_dir, tmp_path):
+    from agpo_lab.errors import CheckpointError
+    from agpo_lab.training.checkpoints import save_checkpoint
+
+    Trainer(make_config(tiny_model_dir, tmp_path, "run.steps=1"), task=ParityTask()).train()
+    run, name = tmp_path / "run", "model.layers.0.mlp.up_proj.weight"
+    path = run / "checkpoints" / "step_000001.safetensors"
+    tensors, state = load_checkpoint(path)
+    shape = list(tensors[name].shape)
+    tensors[name] = torch.zeros(shape[0] + 1, shape[1])
+    path.unlink()
+    save_checkpoint(path, tensors, state)  # a valid checksum and the same names
+    fragment = f"tensor {name} has shape {[shape[0] + 1, shape[1]]} but the model's is {shape}"
+    resumed = make_config(tiny_model_dir, tmp_path, "run.steps=2", "run.resume=true")
+    with pytest.raises(CheckpointError, match=re.escape(fragment)):
+        Trainer(resumed, task=ParityTask())
+    for command in (
+        ["train", str(run), "--quiet"],
+        ["eval", str(run), "eval.n_problems=1", "--quiet"],
+    ):
+        done = agpo_lab(*command)
+        assert done.returncode == 2 and fragment in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().count("\n") == 0
+    assert run_state(run) == "finished" and load_checkpoint(path)  # nothing was lost
+
+
+def test_a_torn_last_row_of_a_checkpointed_step_is_restored_not_dropped(tiny_model_dir, tmp_path):
+    extra = ("run.save_every=1",)
+    Trainer(make_config(tiny_model_dir, tmp_path / "a", *extra, "run.steps=3"),
+            task=ParityTask()).train()  # fmt: skip
+    Trainer(make_config(tiny_model_dir, tmp_path / "b", *extra, "run.steps=2"),
+            task=ParityTask()).train()  # fmt: skip
+    run = tmp_path / "b" / "run"
+    whole = logs(run)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # step 2's last line cut after 10 bytes
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 11])
+    resumed = make_config(tiny_model_dir, tmp_path / "b", *extra, "run.steps=2", "run.resume=true")
+    with pytest.warns(RunDirWarning, match="restored the rows of step 2 from its checkpoint"):
+        trainer = Trainer(resumed, task=ParityTask())
+    trainer.train()
+    assert logs(run) == whole and run_state(run) == "finished"  # ends at its last checkpoint
+    longer = make_config(tiny_model_dir, tmp_path / "b", *extra, "run.steps=3", "run.resume=true")
+    Trainer(longer, task=ParityTask()).train()
+    assert logs(run) == logs(tmp_path / "a" / "run")
+
+
+# ---- non-finite values mid-run ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem", "setting"),
+    [
+        (["algorithm.beta=3e38"], "the loss's gradient norm is inf", "algorithm.beta=3e+38"),
+        (["algorithm.zero_variance=rl_zvp", "algorithm.zvp_alpha=3e38"],
+         "the advantages include inf", "algorithm.zvp_alpha=3e+38"),
+    ],
+)  # fmt: skip
+def test_a_loss_or_advantage_that_overflows_stops_in_one_line_keeping_the_last_checkpoint(
+    tiny_model_dir, tmp_path, overrides, problem, setting
+):
+    from agpo_lab.errors import NonFiniteError
+
+    cfg = make_config(tiny_model_dir, tmp_path, *overrides, "run.steps=3", "run.save_every=1")
+    with pytest.raises(NonFiniteError) as info:
+        Trainer(cfg, task=ParityTask()).train()
+    message, run = str(info.value), tmp_path / "run"
+    step = int(re.match(r"step (\d+): ", message).group(1))
+    assert problem in message and setting in message and "\n" not in message, message
+    assert run_state(run) == "failed"
+    saved = sorted((run / "checkpoints").glob("*.safetensors"))
+    assert [load_checkpoint(p)[1]["step"] for p in saved] == list(range(1, step))  # kept, intact
+    rows = load_metrics(run) if (run / "metrics.jsonl").is_file() else None
+    assert rows is None or list(rows["step"]) == list(range(1, step))
+
+
+# ---- exit status 130 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_train_stopped_by_a_signal_exits_130_and_resumes(run_config, tmp_path, signum):
+    run = tmp_path / "stop"
+    args = ["train", str(run_config), f"run.out_dir={tmp_path}", "run.name=stop",
+            "run.steps=100000", "--quiet"]  # fmt: skip
+    child = subprocess.Popen([str(AGPO_LAB), *args], stderr=subprocess.PIPE, text=True)
+    while not (run / "metrics.jsonl").is_file() and child.poll() is None:
+        time.sleep(0.02)  # wait for the first logged step
+    child.send_signal(signum)
+    _, err = child.communicate()
+    assert child.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("agpo-lab train: interrupted after step")
+    state = json.loads((run / "status.json").read_text())
+    assert state["state"] == "interrupted"
+    assert (run / "checkpoints" / f"step_{state['step']:06d}.safetensors").is_file()
+
+
+def test_an_eval_stopped_by_sigterm_exits_130(tmp_path):
+    args = [str(AGPO_LAB), "eval", "embedded", "eval.n_problems=200", "--out", str(tmp_path / "e")]
+    child = subprocess.Popen(args, stderr=subprocess.PIPE)
+    seen = b""
+    while b"%" not in seen and child.poll() is None:  # its progress bar: evaluating
+        seen += os.read(child.stderr.fileno(), 4096)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate()
+    assert child.returncode == 130, (seen + err).decode(errors="replace")[-2000:]
+    assert err.decode().strip().splitlines()[-1] == "agpo-lab eval: interrupted"
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "reproduce", "study", None])
+def test_help_documents_exit_status_130(verb, capsys):
+    from agpo_lab.cli import main
+
+    assert main([verb, "--help"] if verb else ["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "130 stopped by Ctrl-C or SIGTERM" in out and "2 a bad setting" in out
+
+
+# ---- every key, any value: accepted and run, or one line ------------------------------------------
+
+PROPERTY_BASE = {
+    "task": {"name": "arithmetic", "n_train": 10, "n_eval": 5, "levels": [1]},
+    "rollout": {"group_size": 2, "max_new_tokens": 8},
+    "optim": {"lr": 1e-4},
+    "run": {"steps": 2, "prompts_per_step": 2, "device": "cpu", "save_every": 1,
+            "log_samples_every": 1, "num_samples": 2, "name": "run"},
+    "eval": {"n_problems": 2, "k": 2, "max_new_tokens": 8},
+}  # fmt: skip
+"""The embedded model with tiny settings: 2 steps of 2 prompts x G=2, 8 tokens, a checkpoint each."""
+ALL_KEYS = [
+    f"{section}.{key}"
+    for section in SECTIONS
+    for key in typing.get_type_hints(type(getattr(TrainConfig(), section)))
+]
+CHOICES = sorted(
+    {
+        str(choice)
+        for section in SECTIONS
+        for hint in typing.get_type_hints(type(getattr(TrainConfig(), section))).values()
+        for arg in (hint, *typing.get_args(hint))
+        if typing.get_origin(arg) is typing.Literal
+        for choice in typing.get_args(arg)
+    }
+)
+"""Every named choice of every setting (estimators, tasks, dtypes, ...), so that valid ones come up."""
+RUN_BUDGET = 4096
+"""The test runs an accepted config when its first steps sample and evaluate at most this many
+tokens (rows x max_new_tokens x epochs x rounds): a value that only multiplies the work of a step
+(mu, group_size, eval sizes) fails, if ever, the same way at every size, and slow is not hung."""
+
+
+def any_value():
+    """Values of every YAML type and magnitude, and the settings' own choices; plausible ones
+    (small sizes, fractions, choices) often, so that many examples pass and run."""
+    from hypothesis import strategies as st
+
+    magnitude = st.builds(lambda m, e: m * 10.0**e, st.floats(-10, 10), st.integers(-330, 308))
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-3, 64), magnitude,
+        st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12), st.sampled_from(CHOICES),
+    )  # fmt: skip
+    plausible = st.one_of(st.integers(0, 16), st.floats(0, 2), st.sampled_from(CHOICES))
+    nested = st.one_of(
+        st.lists(scalar, max_size=4), st.dictionaries(st.text(max_size=4), scalar, max_size=2)
+    )
+    return st.one_of(plausible, plausible, scalar, scalar, nested)
+
+
+def first_steps_work(cfg: TrainConfig) -> int:
+    """Tokens the first two steps sample and evaluate, at most (see RUN_BUDGET)."""
+    a, r, e = cfg.algorithm, cfg.rollout, cfg.eval
+    rows = cfg.run.prompts_per_step * r.group_size
+    work = rows * r.max_new_tokens * a.mu * (1 + a.max_resample_rounds)
+    if cfg.run.eval_at_start or 1 <= cfg.run.eval_every <= 2:
+        n = min(e.n_problems or cfg.task.n_eval, cfg.task.n_eval)
+        work += n * (e.k + e.greedy) * e.max_new_tokens
+    return work + cfg.task.n_train + cfg.task.n_eval
+
+
+def test_every_key_with_any_value_is_accepted_and_runs_or_is_one_line(tmp_path, monkeypatch):
+    """Random values of every type and magnitude for one or two keys at once go through
+    `load_config`; a rejected one is one ConfigError line naming the section, an accepted one runs
+    the first two RL steps on the embedded model with tiny settings: it finishes, or stops with
+    one line (an AgpoLabError), never a traceback; a run that stops keeps its earlier
+    checkpoints readable."""
+    import copy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agpo_lab.errors import AgpoLabError
+    from agpo_lab.models.loading import load_policy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a random model name never waits for the hub
+    monkeypatch.chdir(tmp_path)  # a random relative out_dir lands here
+    embedded, tokenizer = load_policy(TrainConfig().model, "cpu")
+    counter = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])  # fmt: skip
+    @given(st.dictionaries(st.sampled_from(ALL_KEYS), any_value(), min_size=1, max_size=2))
+    def check(changes: dict):
+        data = copy.deepcopy(PROPERTY_BASE)
+        data["run"]["out_dir"] = str(tmp_path / f"runs{next(counter)}")
+        for key, value in changes.items():
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        try:
+            cfg = load_config(path)
+        except ConfigError as err:
+            message = str(err)
+            assert "\n" not in message, (changes, message)
+            assert any(key.split(".")[0] in message for key in changes), (changes, message)
+            return
+        out = Path(cfg.run.out_dir).resolve()
+        if first_steps_work(cfg) > RUN_BUDGET or not out.is_relative_to(tmp_path):
+            return  # accepted; too much work for a unit test, or a folder outside this test's
+        own_model = any(key.startswith("model.") for key in changes)
+        model = None if own_model else copy.deepcopy(embedded)
+        try:
+            trainer = Trainer(cfg, model=model, tokenizer=None if own_model else tokenizer)
+            trainer.train(callback=lambda step, metrics: step >= 2)
+        except AgpoLabError as err:
+            message = str(err)
+            assert "\n" not in message, (changes, message)
+            run = Path(cfg.run.out_dir) / cfg.run.name
+            for checkpoint in (run / "checkpoints").glob("*.safetensors"):
+                load_checkpoint(checkpoint)  # every kept checkpoint is intact
+
+    check()

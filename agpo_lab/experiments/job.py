@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from agpo_lab.config import load_config
 from agpo_lab.errors import AgpoLabError
 from agpo_lab.evaluation import evaluate_records, summarize_records
 from agpo_lab.experiments.methods import REFERENCE
-from agpo_lab.experiments.reproduce import EXIT_INTERRUPTED, Job, job_result
+from agpo_lab.experiments.reproduce import EXIT_INTERRUPTED, Job, job_config, job_result
 from agpo_lab.models.loading import load_policy
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training.run_dir import load_metrics, write_file
@@ -39,15 +38,7 @@ def run_job(job: Job) -> dict | None:
         return done
     torch.set_num_threads(job.threads)
     started = time.perf_counter()
-    overrides = [
-        *job.overrides,
-        f"run.seed={job.seed}",
-        f"eval.seed={job.seed}",
-        f"run.out_dir={job.run_dir.parent}",
-        f"run.name={job.run_dir.name}",
-        "run.resume=true",
-    ]
-    cfg = load_config(job.base_config, overrides)
+    cfg = job_config(job)
     if job.method == REFERENCE:  # the starting checkpoint, evaluated without training
         model, tokenizer = load_policy(cfg.model, "cpu")
         task, device = build_task(cfg.task), torch.device("cpu")

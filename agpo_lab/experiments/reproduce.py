@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from agpo_lab.config import ReproduceConfig
+from agpo_lab.config import ReproduceConfig, TrainConfig, load_config
 from agpo_lab.errors import AgpoLabError, ConfigError, Interrupted
 from agpo_lab.experiments.methods import METHODS, REFERENCE
 from agpo_lab.experiments.report import write_report
@@ -84,6 +84,24 @@ def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
         for m in (REFERENCE, *cfg.methods)
         for s in seeds
     ]
+
+
+def job_config(job: Job) -> TrainConfig:
+    """The TrainConfig a job runs with: the base config, the job's overrides, its seed and its
+    run folder (resumed when it holds a run)."""
+    seeded = [f"run.seed={job.seed}", f"eval.seed={job.seed}"]
+    folder = [f"run.out_dir={job.run_dir.parent}", f"run.name={job.run_dir.name}"]
+    return load_config(job.base_config, [*job.overrides, *seeded, *folder, "run.resume=true"])
+
+
+def check_job_bounds(jobs: list[Job]) -> None:
+    """Each job's config against the machine and the model (`training.bounds`): a run that
+    cannot fit or a task too small fails here in one line, before any run starts."""
+    from agpo_lab.training.bounds import check_run_bounds  # torch: only when reproducing
+
+    for job in jobs:
+        cfg = job_config(job)
+        check_run_bounds(cfg, cfg.run.device, evaluates=True)  # every job evaluates
 
 
 EXIT_INTERRUPTED = 3
@@ -137,6 +155,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> Path:
     """
     cfg.validate()
     jobs = plan_jobs(cfg)
+    check_job_bounds(jobs)
     root = Path(cfg.out_dir) / cfg.results_name
     lock = FolderLock(root)
     lock.acquire("--name or --out-dir")  # one reproduce per results folder at a time

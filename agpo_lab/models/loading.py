@@ -204,13 +204,23 @@ def load_policy(cfg: ModelConfig, device: str | torch.device) -> tuple[torch.nn.
                 f"tokenizer of {source} has neither a pad nor an eos token; add one and re-save it"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    model = _load_or_fail(
-        AutoModelForCausalLM.from_pretrained,
-        source,
-        dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-    ).to(device)
+    try:
+        model = _load_or_fail(
+            AutoModelForCausalLM.from_pretrained,
+            source,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        ).to(device)
+    except (
+        ModelLoadError
+    ) as err:  # transformers refuses an unknown kernel name: the setting's fault
+        if "attn_implementation" not in str(err):
+            raise
+        raise ConfigError(
+            f"model.attn_implementation={cfg.attn_implementation!r}: not an attention kernel "
+            "transformers knows; use sdpa, eager, flash_attention_2 or flex_attention"
+        ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

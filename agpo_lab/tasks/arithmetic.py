@@ -67,6 +67,37 @@ def make_question(level: int, rng: random.Random) -> str:
     raise ValueError(f"unknown level {level!r}; choose one of {sorted(LEVELS)}")
 
 
+def level_size(level: int) -> int:
+    """How many distinct questions `make_question` can draw at a level (both splits together),
+    counted from its ranges; e.g. level 1 -> 400 (a, b in 0..19)."""
+    if level == 1:
+        return 20 * 20
+    if level == 2:
+        return sum(min(9, a + b) + 1 for a in range(10) for b in range(10))
+    if level == 3:
+        return 90 * 10 * 10 * 10
+    if level == 4:
+        return sum(min(99, a + b) - 9 for a in range(10, 100) for b in range(10, 100))
+    if level == 5:
+        return 90 * 90 * 10
+    raise ValueError(f"unknown level {level!r}; choose one of {sorted(LEVELS)}")
+
+
+def check_problem_counts(key: str, total: int, levels: Sequence[int], share: float) -> None:
+    """A one-line ConfigError when `total` problems spread evenly over `levels` need more of some
+    level than it has distinct questions: the task could never produce them. `share`: the
+    split's expected fraction of each level (EVAL_FRACTION for eval)."""
+    per_level = -(-total // len(levels))  # the first levels get the remainder
+    smallest = min(levels, key=level_size)
+    if per_level > level_size(smallest):
+        most = share * len(levels) * level_size(smallest)
+        raise ConfigError(
+            f"{key}={total}: more problems than the task has: {per_level} per level, but level "
+            f"{smallest} has {level_size(smallest)} distinct questions, about {share:.0%} of them "
+            f"in this split; use fewer than about {most:.0f}, or other task.levels"
+        )
+
+
 def solve_steps(question: str) -> list[tuple[int, str, int, int]]:
     """Left-to-right steps ``(left, op, right, result)`` of a task question.
 
@@ -201,12 +232,24 @@ class ArithmeticTask:
         """All problems of ``"train"`` or ``"eval"`` (``"test"`` is an alias), level by level."""
         split = {"test": "eval"}.get(split, split)
         if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'eval' (alias 'test')")
+            raise ConfigError(
+                f"the arithmetic task has no {split!r} split; set task.train_split / "
+                "task.eval_split to train or eval (alias test)"
+            )
         if split not in self._cache:
             self._cache[split] = self._build(split)
         return list(self._cache[split])
 
+    def check_size(self, split: str) -> None:
+        """A one-line ConfigError, at once, when the split asks for more problems than the task
+        can draw (`check_problem_counts`); building the split would search for minutes first."""
+        if split == "train":
+            check_problem_counts("task.n_train", self.n_train, self.levels, 1 - EVAL_FRACTION)
+        else:
+            check_problem_counts("task.n_eval", self.n_eval, self.levels, EVAL_FRACTION)
+
     def _build(self, split: str) -> list[Problem]:
+        self.check_size(split)
         total = self.n_train if split == "train" else self.n_eval
         problems: list[Problem] = []
         for k, level in enumerate(self.levels):

@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable weights, the optimizer and scheduler states, the step and every
 random state: torch's global RNG, the data generator (prompt order and mini-batch shuffles,
-identical on all processes) and each process's sampling generator. `TrainingState` is that set of
+identical on all processes) and each process's sampling generator; and the log rows its step
+wrote, which a resume puts back when a torn write lost them. `TrainingState` is that set of
 objects; the trainer owns one and saves or restores it here, so a resumed run continues bit for bit
 on CPU.
 
@@ -80,9 +81,16 @@ class TrainingState:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
 
-    def save(self, path: Path, config: TrainConfig, sample_generators: torch.Tensor) -> None:
+    def save(
+        self,
+        path: Path,
+        config: TrainConfig,
+        sample_generators: torch.Tensor,
+        logs: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> None:
         """Write the checkpoint file `path` unless it exists. `sample_generators`: every
-        process's sampling state ([world, n]; one process's [n]), so each resumes its stream."""
+        process's sampling state ([world, n]; one process's [n]), so each resumes its stream.
+        `logs`: the rows the step logged, by log name, restored on resume if a log lost them."""
         if path.exists():
             return
         weights = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
@@ -93,6 +101,7 @@ class TrainingState:
             "rng": self.rng_state(),
             "sample_generators": sample_generators,
             "config": config.to_dict(),
+            "logs": logs or {},
         }
         save_checkpoint(path, weights, state)
 
@@ -115,6 +124,7 @@ class TrainingState:
                 f"{source} does not match the model's trainable parameters; was model.* (e.g. "
                 "lora) changed since the run started?"
             )
+        check_shapes(source, weights, dict(self.policy.named_parameters()))
         self.policy.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -125,6 +135,20 @@ class TrainingState:
         elif samplers.dim() == 1 and world == 1:
             self.sample_generator.set_state(samplers)
         self.step = int(state["step"])
+
+
+def check_shapes(
+    source: str | Path, tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> None:
+    """A one-line CheckpointError naming the first tensor of `source` whose shape differs from
+    the model's parameter of that name (a checkpoint of another model size, or edited)."""
+    for name, tensor in tensors.items():
+        if name in params and tensor.shape != params[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {list(tensor.shape)} but the model's is "
+                f"{list(params[name].shape)}; the checkpoint is of another model (was model.* "
+                "or config.yaml changed since it was written?)"
+            )
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: Any) -> Path:
@@ -289,6 +313,7 @@ def load_run_policy(
             f"checkpoint {checkpoint} does not fit the run's model ({len(unknown)} unknown "
             f"tensors, e.g. {unknown[:1]}); was config.yaml edited after training?"
         )
+    check_shapes(checkpoint, tensors, params)
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))

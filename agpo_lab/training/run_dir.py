@@ -18,7 +18,9 @@ A run directory behaves like a small database:
   flushed to disk and moved over the old one, so a crash leaves the old file or the new one, never
   half of one; temporaries a crash left behind are removed by the next `open`.
 - **Append-only logs that survive a torn write** (`LOGS`): a last line cut short by a crash or a
-  full disk is dropped by the next `open`, with a warning, and its bytes are kept in <log>.torn.
+  full disk is dropped by the next `open`, with a warning, and its bytes are kept in <log>.torn;
+  a row of a step that has a checkpoint comes back from the copy the checkpoint keeps
+  (`restore_rows`), so the logs always reach the last checkpointed step.
 - **Resume rolls every log back** to the checkpoint's step (`roll_back`): the rows of steps that
   will run again move to <log>.orphaned.jsonl; nothing is deleted.
 
@@ -230,6 +232,29 @@ class RunDir:
                 self._write(log, "".join(_json_line(r) for r in keep).encode())
                 moved_total += len(moved)
         return moved_total
+
+    def restore_rows(self, step: int, saved: dict[str, list[dict[str, Any]]]) -> list[str]:
+        """Put back the rows of `step` (the checkpointed step, the last one in the logs after
+        `roll_back`) that a log lost, from the copy its checkpoint keeps: a torn last line is
+        never a lost step. Returns the names of the logs restored, with a warning."""
+        restored = []
+        for name, rows in saved.items():
+            log, rows = self.path / name, [r for r in rows if r.get("step") == step]
+            if name not in LOGS or not rows:
+                continue
+            kept = _read_jsonl(log) if log.is_file() else []
+            if sum(r.get("step") == step for r in kept) >= len(rows):
+                continue
+            kept = [r for r in kept if r.get("step") != step] + rows
+            self._write(log, "".join(_json_line(r) for r in kept).encode())
+            restored.append(name)
+            warnings.warn(
+                f"{log}: restored the rows of step {step} from its checkpoint (the log had lost "
+                "them)",
+                RunDirWarning,
+                stacklevel=2,
+            )
+        return restored
 
     def _write(self, path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):  # a failure to create it shows in the write

@@ -22,6 +22,7 @@ for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from agpo_lab.algorithms.loss import loss_rows, policy_loss
 from agpo_lab.config import TrainConfig
-from agpo_lab.errors import ConfigError
+from agpo_lab.errors import ConfigError, NonFiniteError
 from agpo_lab.evaluation import evaluate
 from agpo_lab.models.loading import disable_dropout, load_policy
 from agpo_lab.rollout import completion_logprobs, generate
@@ -51,9 +52,11 @@ from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training import faults
 from agpo_lab.training.batch import RowBatch
+from agpo_lab.training.bounds import check_run_bounds, sampling_seed
 from agpo_lab.training.checkpoints import (
     TrainingState,
     export_policy,
+    find_latest_checkpoint,
     load_checkpoint,
     load_latest_good_checkpoint,
 )
@@ -130,16 +133,26 @@ class Trainer:
                 f"run.prompts_per_step={cfg.run.prompts_per_step}: must be divisible by the "
                 f"{procs.world} processes"
             )
-        # The run directory first: a locked, unwritable or corrupt one fails before any model loads.
+        # What the machine and the model allow (memory, task size, seeds), from config.json only;
+        # then the run directory: a locked, unwritable or corrupt one fails before any model loads.
+        check_run_bounds(cfg, procs.device, procs.world, getattr(model, "config", None))
         check_trackers(cfg.run.report_to)  # a missing tracker package fails before any work
         self.run_dir = RunDir(self._run_path())
         resume_from = self._open_run_dir()
         self._trackers: Trackers | None = None
         try:
+            step, saved_rows = 0, {}
+            if resume_from is not None:
+                step, saved_rows = int(resume_from[2]["step"]), resume_from[2].get("logs") or {}
             if procs.rank == 0:  # the steps after the checkpoint run again: their rows go
-                step = 0 if resume_from is None else int(resume_from[2]["step"])
                 self.run_dir.roll_back(step if step else -1)  # at 0 the start eval reruns too
+                if step:  # a row of the checkpointed step lost to a torn write comes back
+                    self.run_dir.restore_rows(step, saved_rows)
             self._build(model, tokenizer, task)
+            # The rows the last completed step logged (its checkpoint keeps them) and the rows
+            # of the step under way.
+            self._step_rows: dict[str, list[dict[str, Any]]] = dict(saved_rows)
+            self._pending_rows: dict[str, list[dict[str, Any]]] = {}
             if resume_from is not None:
                 self.state.restore(*resume_from[1:], procs.rank, procs.world, resume_from[0])
             if procs.rank == 0:
@@ -185,7 +198,7 @@ class Trainer:
             scheduler=scheduler,
             data_generator=torch.Generator().manual_seed(seed),
             sample_generator=torch.Generator(procs.device).manual_seed(
-                seed * 1000 + 1 + procs.rank
+                sampling_seed(seed, procs.rank)
             ),
         )
         self.stop = StopRequest()
@@ -207,6 +220,7 @@ class Trainer:
         running, then finished, interrupted (resumable) or failed.
         """
         run, logged, rng_at_step_start = self.cfg.run, [], None
+        self.interrupted = False  # set when a stop request ends this call before run.steps
         self._set_status("running")
         if run.report_to and self.processes.rank == 0:
             self._trackers = Trackers(
@@ -219,13 +233,14 @@ class Trainer:
                         self._log({"step": 0, **self.evaluate()})
                     while self.step < run.steps and not self.stop.requested:
                         faults.point("step.start")
-                        rng_at_step_start = self.state.rng_state()
+                        rng_at_step_start, self._pending_rows = self.state.rng_state(), {}
                         step = self.step + 1
                         metrics = {"step": step, **self.train_step()}
                         if run.eval_every and (step % run.eval_every == 0 or step == run.steps):
                             metrics.update(self.evaluate())
                         self._log(metrics)
-                        self.state.step += 1
+                        self.state.step += 1  # its rows go into its checkpoint
+                        self._step_rows, self._pending_rows = self._pending_rows, {}
                         rng_at_step_start, self._mid_update = None, False
                         logged.append(metrics)
                         if run.save_every and self.step % run.save_every == 0:
@@ -234,6 +249,7 @@ class Trainer:
                             break
                 except KeyboardInterrupt:
                     self._save_after_hard_interrupt(rng_at_step_start)
+                    self.interrupted = True
                     self._set_status("interrupted")
                     return logged
                 self.save_checkpoint()  # still listening: a stop request cannot cut these short
@@ -241,6 +257,7 @@ class Trainer:
                     self.export_policy()
                     self._set_status("finished")
                 else:
+                    self.interrupted = True
                     self._set_status("interrupted")
         except BaseException as err:
             with contextlib.suppress(Exception):
@@ -284,6 +301,7 @@ class Trainer:
         if procs.rank == 0 and every and (self.step + 1) % every == 0:
             samples = sample_records(self.step + 1, problems, info, batch.advantages, G, n)
             self.run_dir.log_samples(samples)
+            self._pending_rows["samples.jsonl"] = samples
         seconds = time.perf_counter() - t0
         tokens = procs.sum(info["tokens"] + extra_tokens)
         metrics.update(
@@ -316,11 +334,13 @@ class Trainer:
         ).view(-1, G)
         lengths, truncated = out.lengths.cpu().view(-1, G), out.truncated.cpu().view(-1, G)
         rewards = shaped_rewards(scores, lengths, a, self.cfg.rollout.max_new_tokens)
+        self._check_finite("rewards", rewards)
         advantages, group_mask = group_advantages(rewards, a)
         device = self.processes.device
         row_adv, token_adv = token_advantages(
             rewards, advantages, out.entropy, out.completion_mask, a
         )
+        self._check_finite("advantages", row_adv if token_adv is None else token_adv)
         batch = RowBatch(
             prompt_ids=out.prompt_ids,
             prompt_mask=out.prompt_mask,
@@ -430,8 +450,12 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             max_norm = o.max_grad_norm or float("inf")
             step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
+            if not math.isfinite(step_stats["grad_norm"]):  # a non-finite loss: never step on it
+                raise self._non_finite(f"the loss's gradient norm is {step_stats['grad_norm']}")
             self._mid_update = True  # from here on the weights differ from the step's start
             state.optimizer.step()
+            if not torch.stack([p.isfinite().all() for p in self.params]).all():
+                raise self._non_finite("the weights overflowed to inf or nan")
             faults.point("update.optimizer_step")
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -462,8 +486,9 @@ class Trainer:
         procs = self.processes
         if procs.distributed:  # every process's sampler, so each resumes its own stream
             samplers = procs.accelerator.gather(samplers.to(procs.device)[None]).cpu()
-        if procs.rank == 0:
-            self.state.save(self.run_dir.checkpoint_path(self.step), self.cfg, samplers)
+        if procs.rank == 0:  # with the rows this step logged, which a resume restores if lost
+            path = self.run_dir.checkpoint_path(self.step)
+            self.state.save(path, self.cfg, samplers, self._step_rows)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler and every RNG from a checkpoint file."""
@@ -477,8 +502,25 @@ class Trainer:
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.processes.rank == 0:
             self.run_dir.log_metrics(metrics)
+            self._pending_rows["metrics.jsonl"] = [dict(metrics)]
             if self._trackers is not None:
                 self._trackers.log(metrics)
+
+    def _check_finite(self, what: str, values: torch.Tensor) -> None:
+        """Stop with a NonFiniteError when `values` hold a NaN or an infinity (an overflow)."""
+        bad = values[~values.isfinite()]
+        if bad.numel():
+            raise self._non_finite(f"the {what} include {bad[0].item()}")
+
+    def _non_finite(self, problem: str) -> NonFiniteError:
+        """The one-line error of a step whose loss or weights stopped being finite numbers: it
+        names the step, the setting most likely at fault and the checkpoint that is kept."""
+        latest = find_latest_checkpoint(self.run_dir.path)
+        kept = f"{latest.name} is kept" if latest else "no checkpoint was saved yet"
+        return NonFiniteError(
+            f"step {self.step + 1}: {problem} (not finite), so the run stopped "
+            f"without saving this step ({kept}); most likely {suspect_setting(self.cfg)}"
+        )
 
     def _run_path(self) -> Path:
         """out_dir/name; an unnamed run gets (and keeps in cfg) "<estimator>-seed<N>-<timestamp>"."""
@@ -531,3 +573,20 @@ class Trainer:
             self.state.set_rng_state(rng_at_step_start)
         self.save_checkpoint()
         print(f"interrupted: saved the checkpoint after step {self.step}", file=sys.stderr)
+
+
+def suspect_setting(cfg: TrainConfig) -> str:
+    """The float setting of rollout, algorithm and optim furthest from its default (by orders of
+    magnitude; from 1 when the default is 0) as "key=value (default d): bring it closer", or
+    optim.lr when none is 10x off: the usual cause of a loss or weights that overflow."""
+    defaults, worst, text = TrainConfig(), 1.0, f"optim.lr={cfg.optim.lr:g} is too high: lower it"
+    for section in ("rollout", "algorithm", "optim"):
+        for name, value in vars(getattr(cfg, section)).items():
+            default = getattr(getattr(defaults, section), name)
+            if not isinstance(value, float) or not value:
+                continue
+            off = abs(math.log10(abs(value) / abs(default or 1.0)))  # a default 0: vs 1
+            if off > worst:
+                worst = off
+                text = f"{section}.{name}={value:g} (default {default:g}): bring it closer"
+    return text
