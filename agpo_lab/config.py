@@ -803,8 +803,8 @@ class WarmStartConfig(Settings):
         """Raise a one-line ValueError naming the first impossible setting."""
         check = _checker(self.PREFIX, self)
         check("base_model", bool(self.base_model.strip()), "name a model")
-        safe_name = bool(self.name) and self.name not in (".", "..") and "/" not in self.name
-        check("name", safe_name and "\\" not in self.name, "must be one folder name")
+        name_problem = folder_name_problem(self.name)
+        check("name", name_problem is None, str(name_problem))
         for key in ("steps", "batch_size", "lora_r", "save_every", "group_size", "max_new_tokens"):
             check(key, getattr(self, key) >= 1, "must be >= 1")
         for key in ("warmup_steps", "max_verbosity", "card_train_problems", "card_eval_problems"):
