@@ -82,6 +82,58 @@ def test_runner_injects_small_settings_and_saves_figures(tmp_path):
     assert len(figures) == 1 and figures[0].read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.notebook
+def test_runner_gets_every_reply_after_output_widget_cells(tmp_path):
+    # interact() draws into an Output widget, which makes nbclient send on the shell socket while
+    # it waits there for the reply: nbclient's own client lost that reply in 10 of 17 such runs
+    # (see BoundedPollChannel). Every cell must come back with its outputs.
+    notebook = nbformat.v4.new_notebook()
+    cells = ["SMALL = False", "from ipywidgets import IntSlider, interact"]
+    cells += [
+        f"_ = interact(lambda n: print('drawn', n * {i}), n=IntSlider(value=2))" for i in range(4)
+    ]
+    notebook.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    notebook.cells[0].metadata["tags"] = ["parameters"]
+    path = tmp_path / "widgets.ipynb"
+    nbformat.write(notebook, path)
+    executed, _ = run_notebook(path, SMALL_SETTINGS, tmp_path / "figs")
+    counts = [c.execution_count for c in executed.cells]
+    assert counts == list(range(1, len(executed.cells) + 1))
+    widget_state = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]
+    printed = [
+        o.get("text", "")
+        for model in widget_state["state"].values()
+        for o in model.get("state", {}).get("outputs", [])
+    ]
+    assert sorted(t.strip() for t in printed) == sorted(f"drawn {2 * i}" for i in range(4))
+
+
+def test_bounded_poll_channel_looks_again_until_a_message_comes(monkeypatch):
+    import asyncio
+    from queue import Empty
+
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    from tests.notebook_runner import POLL_S, BoundedPollChannel
+
+    polls = []
+
+    async def inner_get_msg(self, timeout=None):
+        polls.append(timeout)
+        if len(polls) < 3:
+            raise Empty
+        return {"msg_type": "execute_reply"}
+
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", inner_get_msg)
+    channel = BoundedPollChannel.__new__(BoundedPollChannel)
+    assert asyncio.run(channel.get_msg())["msg_type"] == "execute_reply"
+    assert polls == [POLL_S] * 3  # never one unbounded poll
+    polls.clear()
+    with pytest.raises(Empty):  # an explicit timeout is the caller's: passed through once
+        asyncio.run(channel.get_msg(timeout=0.5))
+    assert polls == [0.5]
+
+
 def test_runner_requires_a_parameters_cell():
     notebook = nbformat.v4.new_notebook()
     notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
