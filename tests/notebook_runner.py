@@ -65,6 +65,53 @@ def save_figures(notebook: nbformat.NotebookNode, figure_dir: Path) -> list[Path
     return written
 
 
+def _widget_outputs(notebook: nbformat.NotebookNode) -> dict[str, list[dict]]:
+    """Outputs captured by each Output widget of an executed notebook, by model id."""
+    state = notebook.metadata.get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}
+    )
+    return {
+        model_id: model.get("state", {}).get("outputs", [])
+        for model_id, model in state.get("state", {}).items()
+    }
+
+
+def _children(notebook: nbformat.NotebookNode, model_id: str) -> list[str]:
+    state = notebook.metadata.get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}
+    )
+    children = state.get("state", {}).get(model_id, {}).get("state", {}).get("children", [])
+    return [c.removeprefix("IPY_MODEL_") for c in children if isinstance(c, str)]
+
+
+def cell_outputs(notebook: nbformat.NotebookNode, index: int) -> list[dict]:
+    """What cell `index` shows: its own outputs, then those of the widgets it displayed (an
+    `interact` figure or the live training view lives in an Output widget inside a box)."""
+    captured, shown = _widget_outputs(notebook), []
+    todo = [
+        o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+        for o in notebook.cells[index].get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    seen: set[str] = set()
+    while todo:
+        model_id = todo.pop(0)
+        if model_id not in seen:
+            seen.add(model_id)
+            shown += captured.get(model_id, [])
+            todo += _children(notebook, model_id)
+    return [*notebook.cells[index].get("outputs", []), *shown]
+
+
+def cell_pngs(notebook: nbformat.NotebookNode, index: int) -> list[bytes]:
+    """The PNG images cell `index` shows (see `cell_outputs`)."""
+    return [
+        base64.b64decode(o["data"]["image/png"])
+        for o in cell_outputs(notebook, index)
+        if "image/png" in o.get("data", {})
+    ]
+
+
 POLL_S = 1.0
 """Longest wait on one poll of a kernel socket before looking again (see BoundedPollChannel)."""
 

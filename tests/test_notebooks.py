@@ -12,7 +12,7 @@ import nbformat
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.notebook_runner import inject_parameters, run_notebook
+from tests.notebook_runner import cell_outputs, cell_pngs, inject_parameters, run_notebook
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 FIGURE_DIR = NOTEBOOK_DIR / "_figures"
@@ -28,14 +28,42 @@ def executed_notebook(path):
     return _EXECUTED[path.stem]
 
 
+def smollm2_fetched() -> bool:
+    from agpo_lab.models.fetch import is_fetched
+
+    return is_fetched("smollm2-135m-instruct")
+
+
+def expected_figure_cells(notebook: nbformat.NotebookNode) -> list[int]:
+    """Cells tagged `figure` (those tagged `needs-smollm2` too only when SmolLM2 is fetched)."""
+    skip_model = not smollm2_fetched()
+    return [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if "figure" in (tags := cell.metadata.get("tags", []))
+        and not (skip_model and "needs-smollm2" in tags)
+    ]
+
+
 @pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_headless(path):
-    executed, figures = executed_notebook(path)
+def test_notebook_runs_headless_and_draws_each_figure(path):
+    executed, _ = executed_notebook(path)
     errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    assert figures, f"{path.name} produced no figure"
+    expected = expected_figure_cells(executed)
+    assert expected, f"{path.name}: tag the cells that draw a figure with 'figure'"
+    missing = [i for i in expected if not cell_pngs(executed, i)]
+    assert not missing, f"{path.name}: no PNG in cells {missing}"
+    as_text = [
+        i
+        for i in range(len(executed.cells))
+        for o in cell_outputs(executed, i)
+        if "<Figure size" in str(o.get("data", {}).get("text/plain", ""))
+        and "image/png" not in o.get("data", {})
+    ]
+    assert not as_text, f"{path.name}: a figure shown as text in cells {as_text}"
 
 
 @pytest.mark.notebook
