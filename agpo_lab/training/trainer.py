@@ -254,6 +254,7 @@ class Trainer:
                 self._set_status("failed", f"{type(err).__name__}: {err}")
             raise
         finally:
+            self.stop.immediate = False  # (a KeyboardInterrupt may have left it set)
             if self._trackers is not None:
                 self._trackers.finish()
                 self._trackers = None
