@@ -54,12 +54,14 @@ class RunOutcome:
     def check(self) -> None:
         """Raise a one-line `Interrupted` (or `CellStop` for a failed run) unless the run finished:
         the cell ends there, and Run All with it."""
-        where = f" in {self.path}" if self.path is not None else ""
+        if self.state == "interrupted" and self.path is None:
+            raise Interrupted(f"{self.label} stopped before training started; run this cell "
+                              "again to start it")  # fmt: skip
         if self.state == "interrupted":
-            raise Interrupted(f"{self.label} stopped after {self.steps} steps, saved{where}; run "
-                              "this cell again to resume it")  # fmt: skip
+            raise Interrupted(f"{self.label} stopped after {self.steps} steps, saved in "
+                              f"{self.path}; run this cell again to resume it")  # fmt: skip
         if self.state != "finished":
-            raise CellStop(f"{self.label} {self.state} after {self.steps} steps{where} "
+            raise CellStop(f"{self.label} {self.state} after {self.steps} steps in {self.path} "
                            "(its status.json says why)")  # fmt: skip
 
 
