@@ -130,7 +130,7 @@ class BoundedPollChannel(AsyncZMQSocketChannel):
     on how long a cell may run: the loop waits as long as the kernel is alive.
 
     Measured 2026-12-06 on a busy 2-core machine, with a 21-cell notebook holding six ``interact``
-    cells: nbclient's own client stalled in 10 of 17 runs, each time right after an ``interact``
+    cells: nbclient's own client stalled in 8 of 19 runs, each time right after an ``interact``
     cell's reply; with the Output widget's send switched off, 0 of 10; with this channel, 0 of 20,
     and 15 replies (or idle statuses) were found only by a poll that ended on its bound.
     """

@@ -113,7 +113,7 @@ def test_runner_injects_small_settings_and_saves_figures(tmp_path):
 @pytest.mark.notebook
 def test_runner_gets_every_reply_after_output_widget_cells(tmp_path):
     # interact() draws into an Output widget, which makes nbclient send on the shell socket while
-    # it waits there for the reply: nbclient's own client lost that reply in 10 of 17 such runs
+    # it waits there for the reply: nbclient's own client lost that reply in 8 of 19 such runs
     # (see BoundedPollChannel). Every cell must come back with its outputs.
     notebook = nbformat.v4.new_notebook()
     cells = ["SMALL = False", "from ipywidgets import IntSlider, interact"]
