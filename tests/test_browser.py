@@ -3,13 +3,18 @@
 JupyterLab serves the repository root on a free local port; Chromium (Debian's package, driven by
 Selenium through the system chromedriver) opens notebook 01 with small settings, runs every cell
 from the Run menu, and checks what a person would see: widgets rendered as widgets (not as text),
-a slider that redraws its figure when moved, and no cell with an error. A screenshot is kept in
-notebooks/_figures/browser/. Without Chromium the test is skipped with the reason;
-`.ci/run` installs it (`apt-get install chromium chromium-driver`, as root).
+a slider that redraws its figure when moved, and no cell with an error. Every other notebook is run
+the same way (notebook 05, whose run loads a real model, is opened with the outputs of its headless
+run instead), and each cell tagged `figure` must show its figure as an image, never as the text
+`<Figure size ...>`. A screenshot is kept in notebooks/_figures/browser/. Without Chromium the
+test is skipped with the reason; `.ci/run` installs it (`apt-get install chromium
+chromium-driver`, as root). No wait has a time limit: a slow machine is not a hung one; a wait
+fails when JupyterLab's process or the kernel dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -25,6 +31,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.notebook_runner import inject_parameters
+from tests.test_notebooks import NOTEBOOKS, executed_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebook, pytest.mark.browser]
 
@@ -33,8 +40,10 @@ CHROMEDRIVER = shutil.which("chromedriver")
 NOTEBOOK = REPO_ROOT / "notebooks" / "01_zero_variance.ipynb"
 COPY = NOTEBOOK.with_name("_browser_01_zero_variance.ipynb")  # gitignored
 SCREENSHOTS = REPO_ROOT / "notebooks" / "_figures" / "browser"
-HANG_GUARD_S = float(os.environ.get("AGPO_LAB_BROWSER_HANG_GUARD_S", 900))
-"""Longest wait for any one thing (the server, the kernel, all cells): only a hang reaches it."""
+STORED = {"05_real_models"}
+"""Notebooks checked with the outputs of their headless run rather than run in the browser."""
+_DEAD: list[str] = []
+"""Why waiting is pointless (set when JupyterLab's process or the kernel died)."""
 SETTINGS = {
     # no "get notified about Jupyter news?" toast over the screenshot, no update check
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
@@ -43,15 +52,18 @@ SETTINGS = {
 }
 
 
-def wait_for(condition, what: str, timeout_s: float = HANG_GUARD_S, every_s: float = 0.25):
-    """Poll `condition()` until it is truthy and return it; fail naming `what` on a hang."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def wait_for(condition, what: str, every_s: float = 0.25, browser=None):
+    """Poll `condition()` until it is truthy and return it, however long that takes; fail naming
+    `what` when JupyterLab's process died or (given `browser`) the notebook's kernel did."""
+    while True:
         value = condition()
         if value:
             return value
+        if browser is not None and kernel_status(browser) == "dead":
+            _DEAD.append("the kernel died")
+        if _DEAD:
+            pytest.fail(f"gave up waiting for {what}: {_DEAD[-1]}")
         time.sleep(every_s)
-    pytest.fail(f"gave up waiting for {what} after {timeout_s:.0f} s")
 
 
 def free_port() -> int:
@@ -96,10 +108,17 @@ def lab(tmp_path_factory):
         except OSError:
             return server.poll() is not None and pytest.fail((home / "lab.log").read_text())
 
+    def watch() -> None:  # a wait for the page must not outlive the server
+        server.wait()
+        _DEAD.append(f"JupyterLab exited ({(home / 'lab.log').read_text()[-2000:]})")
+
+    threading.Thread(target=watch, daemon=True).start()
+
     wait_for(up, "JupyterLab to answer")
     yield url, token
+    _DEAD.append("JupyterLab was stopped")  # (the watcher's line comes after this one)
     server.terminate()
-    server.wait(timeout=60)
+    server.wait()
     log.close()
 
 
@@ -146,24 +165,9 @@ def test_a_notebook_runs_in_the_browser_with_live_widgets(lab, browser):
     nbformat.write(notebook, COPY)
     try:
         browser.get(f"{url}/lab/tree/notebooks/{COPY.name}?token={token}")
-        wait_for(lambda: kernel_status(browser) == "idle", "the kernel to start")
-        click_menu(browser, "Run", "Run All Cells")
-        wait_for(lambda: all_cells_ran(browser), "every cell to run")
-
-        errors = browser.execute_script(
-            "const cells = jupyterapp.shell.currentWidget.content.model.cells;"
-            "const found = [];"
-            "for (let i = 0; i < cells.length; i++) {"
-            "  const cell = cells.get(i);"
-            "  if (cell.type !== 'code') continue;"
-            "  for (let j = 0; j < cell.outputs.length; j++) {"
-            "    const out = cell.outputs.get(j).toJSON();"
-            "    if (out.output_type === 'error') found.push(out.ename + ': ' + out.evalue);"
-            "  }"
-            "}"
-            "return found;"
-        )
-        assert errors == [], errors
+        run_all_cells(browser)
+        assert cell_errors(browser) == []
+        assert_figures_are_images(browser, NOTEBOOK.stem)
 
         sliders = browser.find_elements(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
         assert sliders, "no slider was rendered as a widget"
@@ -179,13 +183,15 @@ def test_a_notebook_runs_in_the_browser_with_live_widgets(lab, browser):
         after = wait_for(
             lambda: (src := browser.execute_script(f"return {figure}?.src")) != before and src,
             "the figure to redraw after the slider moved",
+            browser=browser,
         )
         assert after != before
-        wait_for(lambda: kernel_status(browser) == "idle", "the redraws to finish")
+        wait_for(lambda: kernel_status(browser) == "idle", "the redraws to finish", browser=browser)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", sliders[0])
         assert browser.save_screenshot(str(SCREENSHOTS / "01_zero_variance.png"))
     finally:
+        leave_notebook(browser)
         COPY.unlink(missing_ok=True)
         (COPY.parent / ".ipynb_checkpoints" / f"{COPY.stem}-checkpoint.ipynb").unlink(
             missing_ok=True
@@ -223,3 +229,110 @@ def all_cells_ran(browser) -> bool:
     )
     done = prompts and all(p.strip("[]: ").isdigit() for p in prompts)
     return bool(done) and kernel_status(browser) == "idle"
+
+
+OTHERS = [p for p in NOTEBOOKS if p != NOTEBOOK]
+
+
+@pytest.mark.parametrize("path", OTHERS, ids=[p.stem for p in OTHERS])
+def test_every_notebook_shows_its_figures_as_images_in_the_browser(lab, browser, path):
+    url, token = lab
+    copy = path.with_name(f"_browser_{path.name}")  # gitignored
+    if path.stem in STORED:  # what the headless run drew, as JupyterLab renders it
+        notebook, _ = executed_notebook(path)
+    else:
+        notebook = inject_parameters(nbformat.read(path, as_version=4), {"SMALL": True})
+    nbformat.write(notebook, copy)
+    try:
+        browser.get(f"{url}/lab/tree/notebooks/{copy.name}?token={token}")
+        if path.stem in STORED:
+            wait_for(lambda: cell_report(browser), "the notebook to render", browser=browser)
+            in_widgets_only = [  # widget state is not restored without the kernel that made it
+                i for i, c in enumerate(notebook.cells)
+                if not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))
+            ]  # fmt: skip
+            assert_figures_are_images(browser, path.stem, skip=in_widgets_only)
+        else:
+            run_all_cells(browser)
+            assert cell_errors(browser) == []
+            assert_figures_are_images(browser, path.stem)
+    finally:
+        leave_notebook(browser)
+        copy.unlink(missing_ok=True)
+        (copy.parent / ".ipynb_checkpoints" / f"{copy.stem}-checkpoint.ipynb").unlink(
+            missing_ok=True
+        )
+
+
+def leave_notebook(browser) -> None:
+    """Mark the open notebook saved (no "leave the page?" dialog on the next page) and shut its
+    kernel down, so that the next notebook starts on a quiet machine."""
+    with contextlib.suppress(Exception):
+        browser.execute_script(
+            "const w = window.jupyterapp && jupyterapp.shell.currentWidget;"
+            "if (w && w.context) { w.context.model.dirty = false; }"
+            "if (window.jupyterapp) { jupyterapp.serviceManager.sessions.shutdownAll(); }"
+        )
+
+
+def run_all_cells(browser) -> None:
+    """Run All from the Run menu once the kernel is up, and wait until every cell has run."""
+    wait_for(lambda: kernel_status(browser) == "idle", "the kernel to start", browser=browser)
+    click_menu(browser, "Run", "Run All Cells")
+    wait_for(lambda: all_cells_ran(browser), "every cell to run", browser=browser)
+
+
+def cell_errors(browser) -> list[str]:
+    """`ename: evalue` of every error output in the open notebook."""
+    return browser.execute_script(
+        "const cells = jupyterapp.shell.currentWidget.content.model.cells;"
+        "const found = [];"
+        "for (let i = 0; i < cells.length; i++) {"
+        "  const cell = cells.get(i);"
+        "  if (cell.type !== 'code') continue;"
+        "  for (let j = 0; j < cell.outputs.length; j++) {"
+        "    const out = cell.outputs.get(j).toJSON();"
+        "    if (out.output_type === 'error') found.push(out.ename + ': ' + out.evalue);"
+        "  }"
+        "}"
+        "return found;"
+    )
+
+
+def cell_report(browser) -> list[dict] | None:
+    """Per cell of the open notebook: its tags, the images its output area shows (widgets
+    included) and whether a figure appears there as text."""
+    return browser.execute_script(
+        "const w = window.jupyterapp && jupyterapp.shell.currentWidget;"
+        "if (!w || !w.content || !w.content.widgets.length) return null;"
+        "return w.content.widgets.map(cell => {"
+        "  const area = cell.node.querySelector('.jp-OutputArea');"
+        "  const images = area ? [...area.querySelectorAll('img')]"
+        "    .filter(img => img.src.startsWith('data:image/png') || img.src.startsWith('blob:'))"
+        "    .length : 0;"
+        "  return {tags: cell.model.getMetadata('tags') || [], images: images,"
+        "          as_text: area ? area.innerText.includes('<Figure size') : false};"
+        "});"
+    )
+
+
+def assert_figures_are_images(browser, name: str, skip=()) -> None:
+    """Every cell tagged `figure` shows an image (waiting for widgets to draw), none a figure as
+    text; `skip`: cell indices not to require an image from."""
+    from tests.test_notebooks import smollm2_fetched
+
+    def expected(report):
+        return [
+            i for i, cell in enumerate(report)
+            if "figure" in cell["tags"] and i not in skip
+            and not ("needs-smollm2" in cell["tags"] and not smollm2_fetched())
+        ]  # fmt: skip
+
+    def drawn():
+        report = cell_report(browser)
+        return report if report and all(report[i]["images"] for i in expected(report)) else None
+
+    report = cell_report(browser) or []
+    assert expected(report), f"{name}: no cell tagged 'figure'"
+    report = wait_for(drawn, f"every figure of {name} to show as an image", browser=browser)
+    assert [i for i, cell in enumerate(report) if cell["as_text"]] == []

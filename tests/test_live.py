@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from agpo_lab.experiments.live import LiveTraining
+from agpo_lab.experiments.notebook import Interrupted
 from agpo_lab.experiments.results import training_runs
 from agpo_lab.training.checkpoints import find_latest_checkpoint
 from agpo_lab.training.run_dir import run_state
@@ -62,3 +65,49 @@ def test_an_interrupt_before_training_starts_is_reported_not_raised(tiny_model_d
     monkeypatch.setattr("agpo_lab.experiments.live.Trainer", interrupted_while_loading)
     outcome = LiveTraining().run(make_config(tiny_model_dir, tmp_path), "GRPO")
     assert outcome.state == "interrupted" and outcome.path is None
+
+
+def test_the_same_settings_resume_the_interrupted_run_with_its_earlier_steps(tiny_model_dir,
+                                                                              tmp_path):  # fmt: skip
+    def config(name: str):  # a fresh name each time, as notebook 02's timestamped names
+        return make_config(tiny_model_dir, tmp_path, "run.steps=4", f"run.name={name}")
+
+    first, sent = LiveTraining(redraw_every=1), []
+
+    def interrupt_at_step_2(status: str) -> None:
+        if len(first.rows) == 2 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))  # Kernel > Interrupt
+
+    first.draw = interrupt_at_step_2
+    stopped = first.run(config("first"), "AGPO", seed=0, resume=True)
+    assert (stopped.state, stopped.steps) == ("interrupted", 2)
+    with pytest.raises(Interrupted, match="run this cell again to resume") as raised:
+        stopped.check()
+    assert len(raised.value._render_traceback_()) == 1  # one line in the notebook, no traceback
+
+    again = LiveTraining(redraw_every=1)  # the cell run again: a new view
+    resumed = again.run(config("second"), "AGPO", seed=0, resume=True)
+    assert (resumed.path, resumed.state, resumed.steps) == (stopped.path, "finished", 4)
+    assert [row["step"] for row in again.rows] == [1, 2, 3, 4]  # the whole run in the figure
+    assert not (tmp_path / "second").exists()
+    resumed.check()  # a finished run: nothing raised
+
+    shown = LiveTraining()
+    same = shown.run(config("third"), "AGPO", seed=0, resume=True)
+    assert (same.path, same.state, same.seconds) == (stopped.path, "finished", 0.0)
+    assert [row["step"] for row in shown.rows] == [
+        1,
+        2,
+        3,
+        4,
+    ] and "trained before" in shown.status.value
+    other = LiveTraining().run(
+        make_config(tiny_model_dir, tmp_path, "run.steps=1", "run.name=fourth"), "AGPO", resume=True
+    )
+    assert other.path == tmp_path / "fourth"  # other settings: a run of its own
+
+
+def test_an_error_while_loading_is_raised_not_reported_as_an_interrupt(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path, f"model.name_or_path={tmp_path / 'missing'}")
+    with pytest.raises(OSError):
+        LiveTraining().run(config, "GRPO")

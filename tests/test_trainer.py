@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agpo_lab.training.checkpoints import find_latest_checkpoint, load_checkpoint
-from agpo_lab.training.run_dir import load_metrics
+from agpo_lab.training.run_dir import load_metrics, run_state
 from agpo_lab.training.trainer import Trainer
 from tests.conftest import ParityTask, comparable, make_config
 
@@ -109,6 +109,49 @@ def test_ctrl_c_saves_after_the_current_step(tiny_model_dir, tmp_path):
     assert len(resumed.train(callback=raise_interrupt)) == 1
     assert find_latest_checkpoint(tmp_path / "run").name == "step_000002.safetensors"
     assert list(load_metrics(tmp_path / "run")["step"]) == [1, 2]
+
+
+def _interrupting_evaluation(trainer: Trainer, evaluated: list[int]):
+    """An evaluate() that gets Kernel > Interrupt (SIGINT) as soon as it starts."""
+    original = trainer.evaluate
+
+    def evaluate():
+        evaluated.append(trainer.step)
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
+        return original()  # an evaluation that ran on would get here
+
+    return evaluate
+
+
+def test_ctrl_c_during_the_starting_evaluation_stops_the_run_at_once(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "run.steps=4", "run.eval_every=2",
+                      "run.eval_at_start=true", "eval.n_problems=4")  # fmt: skip
+    trainer = Trainer(cfg, task=ParityTask())
+    evaluated: list[int] = []
+    trainer.evaluate = _interrupting_evaluation(trainer, evaluated)
+    assert trainer.train() == [] and evaluated == [0] and trainer.step == 0
+    assert run_state(tmp_path / "run") == "interrupted"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or load_metrics(tmp_path / "run").empty
+    resumed = Trainer(
+        make_config(tiny_model_dir, tmp_path, "run.steps=2", "run.eval_every=2",
+                    "run.eval_at_start=true", "eval.n_problems=4", "run.resume=true"),
+        task=ParityTask(),
+    )  # fmt: skip
+    resumed.train()
+    assert list(load_metrics(tmp_path / "run")["step"]) == [0, 1, 2]  # evaluated at the start
+
+
+def test_ctrl_c_during_a_later_evaluation_keeps_the_step_and_stops(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, tmp_path, "run.steps=4", "run.eval_every=2",
+                      "run.eval_at_start=false", "eval.n_problems=4")  # fmt: skip
+    trainer = Trainer(cfg, task=ParityTask())
+    evaluated: list[int] = []
+    trainer.evaluate = _interrupting_evaluation(trainer, evaluated)
+    rows = trainer.train()
+    assert [r["step"] for r in rows] == [1, 2] and evaluated == [1]  # during step 2's evaluation
+    assert not any(key.startswith("eval/") for key in rows[-1])  # dropped, the step kept
+    assert find_latest_checkpoint(tmp_path / "run").name == "step_000002.safetensors"
+    assert run_state(tmp_path / "run") == "interrupted"
 
 
 def test_drop_with_dynamic_resampling(tiny_model_dir, tmp_path):

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM as a request to stop: finish the current step, save, stop; a second one stops
-at once.
+at once. Work that can be dropped without harm (an evaluation, a step's rollout before the weights
+move) is stopped at once by the first one: the trainer marks it with `StopRequest.immediate`.
 
 SIGTERM is what schedulers (Slurm, Kubernetes) and ``docker stop`` send before they kill a job; it
 is handled exactly like Ctrl-C, so a preempted run saves its last completed step and resumes.
@@ -26,6 +27,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.immediate = False
+        """While True, a stop request raises KeyboardInterrupt at once (and sets `requested`): for
+        work that can be dropped, so that a stop does not wait minutes for it on a slow machine."""
 
     @contextlib.contextmanager
     def catching_signals(self) -> Iterator[StopRequest]:
@@ -35,7 +39,8 @@ class StopRequest:
             return
 
         def handler(signum, frame):
-            if self.requested:
+            if self.requested or self.immediate:
+                self.requested = True
                 raise KeyboardInterrupt
             self.requested = True
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -229,15 +229,22 @@ class Trainer:
         try:
             with self.stop.catching_signals():
                 try:
+                    droppable = not self.processes.distributed  # see StopRequest.immediate
                     if run.eval_at_start and self.step == 0 and run.eval_every:
+                        self.stop.immediate = droppable  # nothing to lose: stop at once
                         self._log({"step": 0, **self.evaluate()})
+                        self.stop.immediate = False
                     while self.step < run.steps and not self.stop.requested:
                         faults.point("step.start")
                         rng_at_step_start, self._pending_rows = self.state.rng_state(), {}
                         step = self.step + 1
+                        # until the update moves the weights (_update clears it), a stop drops
+                        # the step: the RNG is rewound and the last checkpoint stays the latest
+                        self.stop.immediate = droppable
                         metrics = {"step": step, **self.train_step()}
+                        self.stop.immediate = False
                         if run.eval_every and (step % run.eval_every == 0 or step == run.steps):
-                            metrics.update(self.evaluate())
+                            metrics.update(self._evaluate_unless_stopped())
                         self._log(metrics)
                         self.state.step += 1  # its rows go into its checkpoint
                         self._step_rows, self._pending_rows = self._pending_rows, {}
@@ -264,6 +271,7 @@ class Trainer:
                 self._set_status("failed", f"{type(err).__name__}: {err}")
             raise
         finally:
+            self.stop.immediate = False  # (a KeyboardInterrupt may have left it set)
             if self._trackers is not None:
                 self._trackers.finish()
                 self._trackers = None
@@ -452,6 +460,7 @@ class Trainer:
             step_stats["grad_norm"] = clip_grad_norm_(self.params, max_norm).item()
             if not math.isfinite(step_stats["grad_norm"]):  # a non-finite loss: never step on it
                 raise self._non_finite(f"the loss's gradient norm is {step_stats['grad_norm']}")
+            self.stop.immediate = False  # an update is never cut short by the first stop
             self._mid_update = True  # from here on the weights differ from the step's start
             state.optimizer.step()
             if not torch.stack([p.isfinite().all() for p in self.params]).all():
@@ -479,6 +488,20 @@ class Trainer:
         return evaluate(
             self.policy, self.tokenizer, self.task, problems, self.cfg.eval, generator=gen
         )
+
+    def _evaluate_unless_stopped(self) -> dict[str, float]:
+        """`evaluate()` after a step, dropped ({}) when a stop request comes during it: the step
+        itself is kept, logged and saved without its evaluation, and the run stops after it."""
+        if self.processes.distributed:  # the others would wait for process 0 at the next step
+            return self.evaluate()
+        try:
+            self.stop.immediate = True
+            return self.evaluate()
+        except KeyboardInterrupt:
+            print(f"stopped the evaluation after step {self.step + 1}", file=sys.stderr)
+            return {}
+        finally:
+            self.stop.immediate = False
 
     def save_checkpoint(self) -> None:
         """Write checkpoints/step_N.safetensors (trainable weights, optimizer, scheduler, RNG)."""
