@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from agpo_lab.errors import ConfigError
@@ -151,6 +151,26 @@ def _redundant_segment(step: tuple[int, str, int, int], correct: bool, rng: rand
     return f"again {left}{op}{right}={result}"
 
 
+def slipped_steps(
+    question: str, rng: random.Random | None = None, error_rate: float = 0.0
+) -> Iterator[tuple[tuple[int, str, int, int], bool]]:
+    """The steps ``((left, op, right, result), slipped)`` of a solution in which each step is a
+    slip (`slipped_value`) with probability `error_rate`; later steps build on the wrong value.
+
+    A generator, so a caller's own draws between steps (redundant segments) keep their place in
+    the random stream. Example: ``list(slipped_steps("12+7-5"))`` ->
+    ``[((12, "+", 7, 19), False), ((19, "-", 5, 14), False)]``.
+    """
+    steps = solve_steps(question)
+    value = steps[0][0]
+    for _, op, right, _ in steps:
+        exact = value + right if op == "+" else value - right if op == "-" else value * right
+        slipped = error_rate > 0 and rng.random() < error_rate
+        result = slipped_value(exact, rng) if slipped else exact
+        yield (value, op, right, result), slipped
+        value = result
+
+
 def write_trace(
     question: str, verbosity: int, rng: random.Random | None = None, error_rate: float = 0.0
 ) -> str:
@@ -164,18 +184,14 @@ def write_trace(
         raise ValueError(f"verbosity must be >= 0, got {verbosity}")
     if (verbosity > 0 or error_rate > 0) and rng is None:
         raise ValueError("write_trace needs an rng when verbosity > 0 or error_rate > 0")
-    true_steps = solve_steps(question)
-    placements = sorted(rng.randrange(len(true_steps)) for _ in range(verbosity)) if rng else []
-    parts, value = [], true_steps[0][0]
-    for i, (_, op, right, _) in enumerate(true_steps):
-        exact = value + right if op == "+" else value - right if op == "-" else value * right
-        slipped = error_rate > 0 and rng.random() < error_rate
-        result = slipped_value(exact, rng) if slipped else exact
-        step = (value, op, right, result)
-        parts.append(f"{value}{op}{right}={result}")
+    n_steps = len(solve_steps(question))
+    placements = sorted(rng.randrange(n_steps) for _ in range(verbosity)) if rng else []
+    parts, answer = [], None
+    for i, (step, slipped) in enumerate(slipped_steps(question, rng, error_rate)):
+        left, op, right, answer = step
+        parts.append(f"{left}{op}{right}={answer}")
         parts += [_redundant_segment(step, not slipped, rng) for p in placements if p == i]
-        value = result
-    return ";".join([*parts, f"{ANSWER_MARKER}{value}"])
+    return ";".join([*parts, f"{ANSWER_MARKER}{answer}"])
 
 
 def shortest_correct_trace(question: str) -> str:

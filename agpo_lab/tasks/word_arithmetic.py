@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from agpo_lab.tasks.arithmetic import ArithmeticTask, slipped_value, solve_steps
+from agpo_lab.tasks.arithmetic import ArithmeticTask, slipped_steps, solve_steps
 from agpo_lab.tasks.base import Problem
 from agpo_lab.tasks.verify import DEFAULT_TIMEOUT_S, score_completion
 
@@ -104,18 +104,14 @@ def worked_solution(
         raise ValueError(f"verbosity must be >= 0, got {verbosity}")
     if (verbosity > 0 or error_rate > 0) and rng is None:
         raise ValueError("worked_solution needs an rng when verbosity > 0 or error_rate > 0")
-    true_steps = solve_steps(question)
-    placements = sorted(rng.randrange(len(true_steps)) for _ in range(verbosity)) if rng else []
-    sentences, value = [], true_steps[0][0]
-    for i, (_, op, right, _) in enumerate(true_steps):
-        exact = value + right if op == "+" else value - right if op == "-" else value * right
-        slipped = error_rate > 0 and rng.random() < error_rate
-        result = slipped_value(exact, rng) if slipped else exact
-        step = (value, op, right, result)
-        sentences.append(f"{value} {op} {right} = {result}.")
+    n_steps = len(solve_steps(question))
+    placements = sorted(rng.randrange(n_steps) for _ in range(verbosity)) if rng else []
+    sentences, answer = [], None
+    for i, (step, slipped) in enumerate(slipped_steps(question, rng, error_rate)):
+        left, op, right, answer = step
+        sentences.append(f"{left} {op} {right} = {answer}.")
         sentences += [_redundant_sentence(step, not slipped, rng) for p in placements if p == i]
-        value = result
-    return " ".join([*sentences, f"The answer is {value}."])
+    return " ".join([*sentences, f"The answer is {answer}."])
 
 
 class WordArithmeticTask:
