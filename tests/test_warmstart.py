@@ -50,6 +50,8 @@ def test_sft_batches_are_a_function_of_seed_and_step(tiny_model_dir):
 def test_build_is_deterministic_resumable_and_carded(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AGPO_LAB_MODELS_DIR", str(tmp_path))
     settings = dataclasses.replace(tiny_settings(tiny_model_dir, "whole"), docs_dir=str(tmp_path))
+    loaded, real_load = [], warmstart.load_policy
+    monkeypatch.setattr(warmstart, "load_policy", lambda c, d: loaded.append(c) or real_load(c, d))
     whole = build_warm_start(settings, command="test")
     card = json.loads((whole / "card.json").read_text())
     assert json.loads((tmp_path / "card.json").read_text()) == card  # the copy for the docs
@@ -63,7 +65,20 @@ def test_build_is_deterministic_resumable_and_carded(tiny_model_dir, tmp_path, m
     assert card["training"]["steps"] == 3 and card["training"]["tokens"] > 0
     assert "held-out problems" in (whole / "README.md").read_text()
     assert not (whole / warmstart.STATE_FILE).exists()
+    # the base model on the same problems, for the side-by-side with the weak start
+    assert card["base"]["held_out"]["n_problems"] == 3
+    assert [(c.name_or_path, c.lora) for c in loaded] == [
+        (str(tiny_model_dir), True),
+        (str(tiny_model_dir), False),
+    ]
+    assert "| held_out | base |" in (whole / "README.md").read_text()
+    # a card from before the base measurement gets it added, the model untouched
+    weights = (whole / "model.safetensors").read_bytes()
+    (whole / "card.json").write_text(json.dumps({k: v for k, v in card.items() if k != "base"}))
     assert build_warm_start(tiny_settings(tiny_model_dir, "whole"), command="test") == whole
+    remeasured = json.loads((whole / "card.json").read_text())["base"]
+    assert remeasured["held_out"] == card["base"]["held_out"]  # deterministic for the seed
+    assert (whole / "model.safetensors").read_bytes() == weights
 
     real_examples = warmstart.sft_examples
 

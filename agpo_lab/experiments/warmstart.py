@@ -219,6 +219,10 @@ def build_warm_start(cfg: WarmStartConfig, command: str, progress: bool = True) 
     torch.set_num_threads(cfg.num_threads)
     target = warm_start_dir(cfg)
     if (target / "config.json").is_file():
+        card = json.loads((target / "card.json").read_text())
+        if "base" not in card:  # a warm start built before the card measured the base model
+            card["base"] = measure_base_model(cfg, progress)
+            _write_card(target, card, cfg)
         return target
     staging = target.with_name(target.name + ".partial")
     settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
@@ -235,30 +239,54 @@ def build_warm_start(cfg: WarmStartConfig, command: str, progress: bool = True) 
         "training": training,
         "torch_version": torch.__version__,
     }
+    started = time.perf_counter()
+    for name, problems in card_problem_sets(cfg).items():
+        stats, records = measure_regime(model, tokenizer, problems, cfg, progress)
+        card[name] = stats
+        write_file(staging / f"card_{name}.csv", records.to_csv(index=False).encode())
+    card["card_seconds"] = round(time.perf_counter() - started, 1)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    del model
+    card["base"] = measure_base_model(cfg, progress)
+    (staging / STATE_FILE).unlink(missing_ok=True)
+    _write_card(staging, card, cfg)
+    staging.rename(target)
+    return target
+
+
+def card_problem_sets(cfg: WarmStartConfig) -> dict[str, list[Problem]]:
+    """The problems the card measures: a slice of the RL training mix and held-out problems."""
     task = WordArithmeticTask(levels=cfg.levels, **RL_TASK)
     sets = {
         "rl_train_mix": select_problems(task.problems("train"), cfg.card_train_problems),
         "held_out": select_problems(task.problems("eval"), cfg.card_eval_problems),
     }
+    return {name: problems for name, problems in sets.items() if problems}
+
+
+def measure_base_model(cfg: WarmStartConfig, progress: bool = True) -> dict[str, Any]:
+    """The card's measurements of the base model (before the SFT), on the same problems with the
+    same sampling: the weak start the warm start is compared with."""
+    base_cfg = ModelConfig(name_or_path=cfg.base_model, dtype="float32", lora=False)
+    model, tokenizer = load_policy(base_cfg, "cpu")
     started = time.perf_counter()
-    for name, problems in sets.items():
-        if problems:
-            stats, records = measure_regime(model, tokenizer, problems, cfg, progress)
-            card[name] = stats
-            write_file(staging / f"card_{name}.csv", records.to_csv(index=False).encode())
-    card["card_seconds"] = round(time.perf_counter() - started, 1)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    write_file(staging / "card.json", (json.dumps(card, indent=2) + "\n").encode())
-    write_file(staging / "README.md", render_warm_card(card).encode())
-    (staging / STATE_FILE).unlink(missing_ok=True)
-    staging.rename(target)
+    base = {
+        name: measure_regime(model, tokenizer, problems, cfg, progress)[0]
+        for name, problems in card_problem_sets(cfg).items()
+    }
+    base["card_seconds"] = round(time.perf_counter() - started, 1)
+    return base
+
+
+def _write_card(folder: Path, card: dict[str, Any], cfg: WarmStartConfig) -> None:
+    write_file(folder / "card.json", (json.dumps(card, indent=2) + "\n").encode())
+    write_file(folder / "README.md", render_warm_card(card).encode())
     if cfg.docs_dir:
         docs = Path(cfg.docs_dir)
         docs.mkdir(parents=True, exist_ok=True)
         for name in ("README.md", "card.json"):
-            shutil.copy2(target / name, docs / name)
-    return target
+            shutil.copy2(folder / name, docs / name)
 
 
 def render_warm_card(card: dict[str, Any]) -> str:
@@ -283,6 +311,26 @@ def render_warm_card(card: dict[str, Any]) -> str:
         f"card measurement {card['card_seconds']} s.",
     ]
     titles = {"rl_train_mix": "the RL training mix (train split)", "held_out": "held-out problems"}
+    if "base" in card:
+        lines += [
+            "",
+            f"## The base model ({cfg['base_model']}) and the warm start, same problems and sampling",
+            "",
+            "| problems | model | pass@1 sampled | all correct / all wrong / mixed | mean tokens "
+            "| length / shortest correct | with a redundant segment | truncated |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name in titles:
+            for label, s in (("base", card["base"].get(name)), ("warm start", card.get(name))):
+                if s is not None:
+                    lines.append(
+                        f"| {name} | {label} | {s['pass@1_sampled']:.3f} | "
+                        f"{s['groups_all_correct']:.3f} / {s['groups_all_wrong']:.3f} / "
+                        f"{s['groups_mixed']:.3f} | {s['mean_tokens']:.1f} | "
+                        f"{s['length_ratio']:.2f} | {s['redundant_frac']:.3f} | "
+                        f"{s['truncated_frac']:.3f} |"
+                    )
+        lines += ["", f"Base model measured in {card['base']['card_seconds']} s."]
     for name, title in titles.items():
         if name not in card:
             continue
