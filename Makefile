@@ -54,7 +54,8 @@ reproduce-smollm2-weak: models
 	  --methods grpo agpo length_only --seeds 0 1 --name smollm2 --docs-dir docs/results/smollm2 $(ARGS)
 
 # Why AGPO collapses a weak start: one suspect changed at a time (aggregation, truncation), on the
-# embedded weak start (3 seeds, minutes) and on the untrained SmolLM2 (2 seeds, 16 steps, hours).
+# embedded weak start (3 seeds, about an hour) and on the untrained SmolLM2 (2 seeds, 12 steps: its
+# collapse is complete by step 10 in the weak comparison; about an hour).
 mechanism: setup
 	$(VENV)/bin/agpo-lab study regime --checkpoints weak --name mechanism --methods grpo agpo \
 	  agpo_plus_only agpo_token_mean agpo_sum_norm agpo_mask_truncated $(ARGS)
@@ -63,7 +64,7 @@ smollm2-mechanism: models
 	$(VENV)/bin/agpo-lab study regime --base-config configs/smollm2/compare.yaml \
 	  --checkpoints smollm2-135m-instruct --out-dir results/smollm2 --name mechanism \
 	  --docs-dir docs/results/smollm2 --seeds 0 1 --methods agpo agpo_plus_only agpo_token_mean \
-	  agpo_sum_norm agpo_mask_truncated run.steps=16 $(ARGS)
+	  agpo_sum_norm agpo_mask_truncated run.steps=12 $(ARGS)
 
 # JupyterLab at the repository root (README and docs reachable), opened on the notebooks folder.
 lab: setup

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agpo_lab.experiments.ablation import ablation_arms, ablation_table
-from agpo_lab.experiments.results import load_eval_records
+from agpo_lab.experiments.results import load_eval_records, paired_completions
 from agpo_lab.experiments.zero_variance import group_outcomes_by_level, reward_table
 
 
@@ -132,3 +132,30 @@ def test_ablation_table_keeps_only_arms_with_results():
     assert table["tokens_mean"].tolist() == [44.0, 30.0]
     with pytest.raises(ValueError, match="lacks columns"):
         ablation_table(summary.drop(columns="tokens_ci"))
+
+
+def test_paired_completions_lines_up_one_prompt_across_methods():
+    texts = {
+        "start": "3 + 4 = 7. Let me check: 7 - 4 = 3. The answer is 7.",
+        "agpo": "3 + 4 = 7. The answer is 7.",
+    }
+    records = pd.concat(
+        pd.DataFrame(
+            {
+                "problem_id": ["p", "p", "q"],
+                "sample": [0, 1, 0],
+                "text": [text, "other", "other"],
+                "tokens": [len(text), 1, 1],
+                "correct": [True, False, False],
+                "truncated": [False] * 3,
+                "method": method,
+                "seed": 0,
+            }
+        )
+        for method, text in texts.items()
+    )
+    pair = paired_completions(records, "p", seed=0, sample=0)
+    assert list(pair.index) == ["start", "agpo"]
+    assert list(pair["redundant"]) == [1, 0] and list(pair["text"]) == list(texts.values())
+    with pytest.raises(FileNotFoundError, match="seed 1"):
+        paired_completions(records, "p", seed=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from agpo_lab.errors import MissingFileError
+from agpo_lab.tasks.redundancy import count_redundant_segments
 from agpo_lab.training.run_dir import load_metrics, run_state
 
 
@@ -67,3 +68,27 @@ def training_runs(
     found.sort(key=lambda p: (p / "metrics.jsonl").stat().st_ctime)
     keep = [p for p in found if include_partial or run_state(p) == "finished"]
     return keep, [p for p in found if p not in keep]
+
+
+def paired_completions(
+    records: pd.DataFrame, problem_id: str, seed: int, sample: int = 0
+) -> pd.DataFrame:
+    """The completions every method wrote for one held-out prompt (same seed, same sample index),
+    one row per method in the order of `records`, with its tokens, correctness and redundant
+    segments (`tasks.redundancy`): the before/after view of a prompt, "start" being before.
+
+    Example: records of start and agpo for problem p, seed 0, sample 0 -> two rows, start's
+    "3 + 4 = 7. Let me check: 7 - 4 = 3. The answer is 7." (1 redundant) above agpo's
+    "3 + 4 = 7. The answer is 7." (0 redundant).
+    """
+    mine = records[
+        (records["problem_id"] == problem_id)
+        & (records["seed"] == seed)
+        & (records["sample"] == sample)
+    ]
+    if mine.empty:
+        raise MissingFileError(f"no completion of {problem_id!r} for seed {seed}, sample {sample}")
+    rows = mine.drop_duplicates("method").set_index("method")
+    return rows[["text", "tokens", "correct", "truncated"]].assign(
+        redundant=rows["text"].map(count_redundant_segments)
+    )
