@@ -27,8 +27,11 @@ models: setup
 	$(VENV)/bin/agpo-lab models fetch smollm2-135m-instruct || \
 	  echo "make models: SmolLM2 not fetched; its tests will skip (see the line above)"
 
+# TEST_WORKERS: pytest-xdist workers (auto = one per core); the notebook and browser tests share
+# one of them (tests/conftest.py), the other tests spread over all. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: lint models
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 reproduce: setup
 	$(VENV)/bin/agpo-lab reproduce $(ARGS)

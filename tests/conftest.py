@@ -71,12 +71,15 @@ def shared_data_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False here")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "notebook" in item.keywords:
+            # With `pytest -n` (make test): the notebook and browser tests share one worker, in
+            # order, so that each notebook is executed once (test_notebooks caches the executed
+            # notebook the browser test reads) and no two runs of a notebook write its folders.
+            item.add_marker(pytest.mark.xdist_group("notebooks"))
 
 
 @pytest.fixture
