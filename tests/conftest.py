@@ -16,10 +16,6 @@ from agpo_lab.tasks.base import Problem
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests never open windows
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `make test`: share the cores, do not oversubscribe
-    torch.set_num_threads(
-        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    )
 
 
 @torch.inference_mode()
