@@ -151,23 +151,30 @@ def _redundant_segment(step: tuple[int, str, int, int], correct: bool, rng: rand
     return f"again {left}{op}{right}={result}"
 
 
-def slipped_steps(
-    question: str, rng: random.Random | None = None, error_rate: float = 0.0
-) -> Iterator[tuple[tuple[int, str, int, int], bool]]:
-    """The steps ``((left, op, right, result), slipped)`` of a solution in which each step is a
-    slip (`slipped_value`) with probability `error_rate`; later steps build on the wrong value.
+def planned_steps(
+    question: str, verbosity: int = 0, rng: random.Random | None = None, error_rate: float = 0.0
+) -> Iterator[tuple[tuple[int, str, int, int], bool, int]]:
+    """The steps ``((left, op, right, result), slipped, redundant)`` of a written solution: each
+    step a slip (`slipped_value`) with probability `error_rate`, later steps building on the wrong
+    value, and `verbosity` redundant segments placed after random steps (`redundant` of them after
+    this one). The plan both the embedded traces and the worked solutions are written from.
 
-    A generator, so a caller's own draws between steps (redundant segments) keep their place in
-    the random stream. Example: ``list(slipped_steps("12+7-5"))`` ->
-    ``[((12, "+", 7, 19), False), ((19, "-", 5, 14), False)]``.
+    A generator, so a caller's own draws between steps (the redundant segments' wording) keep
+    their place in the random stream. Example: ``list(planned_steps("12+7-5"))`` ->
+    ``[((12, "+", 7, 19), False, 0), ((19, "-", 5, 14), False, 0)]``.
     """
+    if verbosity < 0:
+        raise ValueError(f"verbosity must be >= 0, got {verbosity}")
+    if (verbosity > 0 or error_rate > 0) and rng is None:
+        raise ValueError("a solution with verbosity > 0 or error_rate > 0 needs an rng")
     steps = solve_steps(question)
+    placements = sorted(rng.randrange(len(steps)) for _ in range(verbosity)) if rng else []
     value = steps[0][0]
-    for _, op, right, _ in steps:
+    for i, (_, op, right, _) in enumerate(steps):
         exact = value + right if op == "+" else value - right if op == "-" else value * right
         slipped = error_rate > 0 and rng.random() < error_rate
         result = slipped_value(exact, rng) if slipped else exact
-        yield (value, op, right, result), slipped
+        yield (value, op, right, result), slipped, placements.count(i)
         value = result
 
 
@@ -180,17 +187,11 @@ def write_trace(
     the wrong value, so the answer is wrong too. Redundant segments go after random steps.
     Example: ``write_trace("12+7-5", 0) == "12+7=19;19-5=14;ans:14"``.
     """
-    if verbosity < 0:
-        raise ValueError(f"verbosity must be >= 0, got {verbosity}")
-    if (verbosity > 0 or error_rate > 0) and rng is None:
-        raise ValueError("write_trace needs an rng when verbosity > 0 or error_rate > 0")
-    n_steps = len(solve_steps(question))
-    placements = sorted(rng.randrange(n_steps) for _ in range(verbosity)) if rng else []
     parts, answer = [], None
-    for i, (step, slipped) in enumerate(slipped_steps(question, rng, error_rate)):
+    for step, slipped, redundant in planned_steps(question, verbosity, rng, error_rate):
         left, op, right, answer = step
         parts.append(f"{left}{op}{right}={answer}")
-        parts += [_redundant_segment(step, not slipped, rng) for p in placements if p == i]
+        parts += [_redundant_segment(step, not slipped, rng) for _ in range(redundant)]
     return ";".join([*parts, f"{ANSWER_MARKER}{answer}"])
 
 

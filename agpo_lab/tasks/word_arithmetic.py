@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from agpo_lab.tasks.arithmetic import ArithmeticTask, slipped_steps, solve_steps
+from agpo_lab.tasks.arithmetic import ArithmeticTask, planned_steps, solve_steps
 from agpo_lab.tasks.base import Problem
 from agpo_lab.tasks.verify import DEFAULT_TIMEOUT_S, score_completion
 
@@ -100,17 +100,11 @@ def worked_solution(
     ``worked_solution("12+7-5", 0) == "12 + 7 = 19. 19 - 5 = 14. The answer is 14."``; with
     verbosity 1 it may read "12 + 7 = 19. Let me check: 19 - 7 = 12. 19 - 5 = 14. The answer is 14."
     """
-    if verbosity < 0:
-        raise ValueError(f"verbosity must be >= 0, got {verbosity}")
-    if (verbosity > 0 or error_rate > 0) and rng is None:
-        raise ValueError("worked_solution needs an rng when verbosity > 0 or error_rate > 0")
-    n_steps = len(solve_steps(question))
-    placements = sorted(rng.randrange(n_steps) for _ in range(verbosity)) if rng else []
     sentences, answer = [], None
-    for i, (step, slipped) in enumerate(slipped_steps(question, rng, error_rate)):
+    for step, slipped, redundant in planned_steps(question, verbosity, rng, error_rate):
         left, op, right, answer = step
         sentences.append(f"{left} {op} {right} = {answer}.")
-        sentences += [_redundant_sentence(step, not slipped, rng) for p in placements if p == i]
+        sentences += [_redundant_sentence(step, not slipped, rng) for _ in range(redundant)]
     return " ".join([*sentences, f"The answer is {answer}."])
 
 
