@@ -219,7 +219,8 @@ def build_warm_start(cfg: WarmStartConfig, command: str, progress: bool = True) 
     torch.set_num_threads(cfg.num_threads)
     target = warm_start_dir(cfg)
     if (target / "config.json").is_file():
-        card = json.loads((target / "card.json").read_text())
+        card_path = target / "card.json"
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {"base": None}
         if "base" not in card:  # a warm start built before the card measured the base model
             card["base"] = measure_base_model(cfg, progress)
             _write_card(target, card, cfg)
