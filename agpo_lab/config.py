@@ -235,6 +235,12 @@ class RolloutConfig(Settings):
     agpo_lab.rollout.fast_decode's lean layers and KV cache: the transformers forward's logits up
     to float rounding (tested), faster (benchmarks/README.md); other models always use the
     transformers forward. False: always the latter."""
+    precision: Literal["model", "bfloat16"] = "model"
+    """What the rollout computes in: the model's own dtype, or bfloat16 copies of its weights
+    (taken once per rollout; Llama-family models through the fast decode, others under
+    `torch.autocast`). bfloat16 matrix products are several times faster on CPUs with AMX or
+    AVX512-BF16 and on GPUs; the sampled tokens then come from a slightly different policy than
+    the one trained, which the loss corrects for (`algorithm.sampler_correction`)."""
     compile_decode: bool = False
     """`torch.compile` the one-token decode step: fewer, fused kernels per token after a one-off
     compile per process (benchmarks/README.md has the measured gain and cost); for long training
@@ -303,10 +309,22 @@ class AlgorithmConfig(Settings):
     max_resample_rounds: int = 0
     """With zero_variance=drop: extra sampling rounds to replace dropped groups (DAPO dynamic
     sampling); 0 = never resample, just train on the groups that remain."""
+    sampler_correction: Literal[
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = "token_truncate"
+    """When the rollout and the update compute in different precisions (`rollout.precision`,
+    `optim.precision`), the sampler's policy differs slightly from the trained one; each token's
+    surrogate is then weighted by w = pi_trainer / pi_sampler (`algorithms.sampler_correction`):
+    truncated at the cap (Yao et al.'s TIS), or set to 0 above it (mask), per token or once per
+    sequence (the product over its tokens), as TRL and verl correct vLLM rollouts. Unused when
+    both run in the model's precision (w = 1)."""
+    sampler_correction_cap: float = 2.0
+    """C of the sampler correction: weights are min(w, C) (truncate) or 0 where w > C (mask)."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""
         check = _checker(self.PREFIX, self)
+        check("sampler_correction_cap", self.sampler_correction_cap >= 1, "must be >= 1")
         check("r_max", self.r_max > self.r_min, f"must exceed algorithm.r_min={self.r_min}")
         check("eps", self.eps >= 0, "must be >= 0")
         check("clip_low", 0 <= self.clip_low < 1, "must be in [0, 1)")
@@ -348,6 +366,13 @@ class OptimizerConfig(Settings):
     completion) for a padded pass; fewer when it shares prompts or packs rows); verl's dynamic
     batch size: less padding, so a faster update; the update is the same. None:
     grad_accumulation micro-batches."""
+    precision: Literal["model", "bfloat16"] = "model"
+    """What the update's and the reference's forward and backward compute in: the model's own
+    dtype, or bfloat16 under `torch.autocast` (mixed precision: the weights, their gradients and
+    AdamW's state stay in the model's dtype, as verl's FSDP default and the HF Trainer's bf16=True
+    keep them). Several times faster matrix products on CPUs with AMX or AVX512-BF16 and on GPUs,
+    log-probs rounded to bfloat16 logits; a rollout in another precision is corrected for
+    (`algorithm.sampler_correction`)."""
     compile_update: bool = False
     """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
@@ -461,6 +486,9 @@ class EvalConfig(Settings):
     """Also decode one greedy completion per problem (gives eval/pass@1_greedy)."""
     progress: bool = False
     """Show a progress bar (with an ETA) over the evaluation's generation batches."""
+    precision: Literal["model", "bfloat16"] = "model"
+    """What the evaluation's sampling computes in (as `rollout.precision`); "model" measures the
+    trained policy itself, so comparisons of training settings keep it."""
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first impossible setting."""

@@ -77,6 +77,7 @@ def _generate_rows(
         top_p=1.0 if greedy else cfg.top_p,
         top_k=0,
         max_new_tokens=cfg.max_new_tokens,
+        precision=cfg.precision,
     )
     prompts_per_call = max(1, cfg.batch_size // samples_per_prompt)
     rows: list[tuple[str, int, bool]] = []

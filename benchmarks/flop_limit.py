@@ -1,7 +1,8 @@
 """How close a measured speed is to the machine's own limit, for the benchmark scripts.
 
-The limit is the machine's dense matmul throughput, measured in the same run (float32 on CPU,
-bfloat16 on CUDA), turned into the tokens/s a model could reach if every FLOP were a matmul at that
+The limit is the machine's dense matmul throughput, measured in the same run in the format the
+measured code computes in (float32 on CPU by default, bfloat16 on CUDA; a bfloat16 rollout on CPU
+against the CPU's bfloat16 rate), turned into the tokens/s a model could reach if every FLOP were a matmul at that
 rate. A model's matmul FLOPs per token are 2 x (weights of its Linear layers, the LM head included):
 attention scores and softmax are left out (small at these context lengths), so the bound is an
 optimistic ceiling. A forward costs 2 x per token; a backward 2 x more for the activation gradients
@@ -20,14 +21,20 @@ import time
 import torch
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 5, device: str | None = None) -> float:
+def matmul_gflops(
+    size: int = 1024,
+    repeats: int = 5,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> float:
     """Best dense matmul throughput of this process (GFLOP/s) on `size` x `size` matrices.
 
-    float32 on CPU with the current torch thread count, bfloat16 on CUDA. Example: on a 2-core CPU
-    ``matmul_gflops()`` gives a few tens.
+    In `dtype`; by default float32 on CPU (with the current torch thread count), bfloat16 on CUDA.
+    Example: on a 2-core CPU ``matmul_gflops()`` gives a few tens to a few hundred.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up

@@ -25,12 +25,14 @@ def decode_both_ways(
     mask: torch.Tensor,
     steps: int = 4,
     drop_row_at: tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(transformers forward logits, FastDecoder logits) after the prefill and after each decode step.
 
     Each side prefills `ids`/`mask` (left padding allowed) into its own KV cache; both then get
     the transformers forward's greedy token. `drop_row_at=(step, row)`: that row leaves the batch
-    before that step, as a finished row does in the rollout loop.
+    before that step, as a finished row does in the rollout loop. `dtype`: the FastDecoder's
+    compute dtype (e.g. bfloat16 copies of a float32 model's weights); None: the model's own.
     """
     from agpo_lab.rollout.fast_decode import FastDecoder
     from agpo_lab.rollout.inputs import positions_from_mask
@@ -40,7 +42,7 @@ def decode_both_ways(
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
     hf_cache = out.past_key_values
     preallocate(hf_cache, steps)
-    decoder = FastDecoder(model)
+    decoder = FastDecoder(model, dtype=dtype)
     fast_logits, fast_cache = decoder.prefill(ids, mask, position, steps)
     pairs = [(out.logits[:, -1], fast_logits)]
     tokens, position = out.logits[:, -1].argmax(-1), position[:, -1]

@@ -74,7 +74,7 @@ def test_bench_rollout_helpers():
     assert bench.generated_tokens(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos) == 2 + 3
 
 
-@pytest.mark.parametrize("impl", ["ours", "hf"])
+@pytest.mark.parametrize("impl", ["ours", "hf", "ours_bf16", "hf_bf16"])
 @pytest.mark.parametrize("case", ["forced", "early"])
 def test_bench_rollout_worker_smoke(impl, case):
     bench = _bench_module()
@@ -95,9 +95,9 @@ def test_bench_rollout_runs_end_to_end():
     cmd += ["--repeats", "1", "--impls", "ours"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("ratio agpo_lab/generate") == 2
+    assert done.stdout.count("ratio agpo_lab/model.generate") == 2
     assert "compile" not in done.stdout
-    assert done.stdout.count("machine limit: matmul") == 2
+    assert done.stdout.count("machine limit (float32): matmul") == 2
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from agpo_lab.rollout.inputs import left_pad, positions_from_mask
@@ -87,3 +90,39 @@ def test_draw_categorical_matches_the_distribution():
     # every frequency within 5 standard errors of its probability
     stderr = (probs[0].double() * (1 - probs[0].double()) / n).sqrt()
     assert ((frequency - probs[0]).abs() <= 5 * stderr + 1e-9).all()
+
+
+def test_two_level_draw_picks_the_flat_draws_token():
+    from agpo_lab.rollout import sampling
+
+    gen = torch.Generator().manual_seed(7)
+    vocab = 5 * sampling.BLOCK + 37  # a partial last block
+    probs = torch.randn(512, vocab, generator=gen).mul(3).softmax(-1)
+    probs[:, 300:700] = 0.0  # whole and partial blocks of filtered-out tokens
+    two_level = sampling.draw_categorical(probs, torch.Generator().manual_seed(8))
+    u = torch.rand(512, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    cdf = probs.double().cumsum(-1)
+    flat = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    assert torch.equal(two_level, flat)
+    assert not ((two_level >= 300) & (two_level < 700)).any()
+
+
+def test_two_level_draw_never_picks_a_zero_probability_token_at_a_blocks_end():
+    from agpo_lab.rollout import sampling
+
+    vocab, block = 8 * sampling.BLOCK, sampling.BLOCK
+    probs = torch.zeros(4000, vocab)
+    probs[:, block + 3] = 1.0  # one live token early in block 1, the rest of the block is 0
+    probs[:, 5 * block] = 3.0
+    drawn = sampling.draw_categorical(probs, torch.Generator().manual_seed(2))
+    assert set(drawn.tolist()) == {block + 3, 5 * block}
+    assert abs((drawn == block + 3).float().mean().item() - 0.25) < 0.03
+
+
+def test_entropy_of_a_row_with_impossible_tokens():
+    logits = torch.tensor([[0.0, 0.0, float("-inf")], [1.0, 2.0, 3.0]])
+    _, _, entropy = sample_next_token(logits, 1.0, generator=torch.Generator(), return_entropy=True)
+    probs = logits.softmax(-1)
+    expected = -(probs * probs.log()).nan_to_num().sum(-1)
+    torch.testing.assert_close(entropy, expected)
+    assert entropy[0].item() == pytest.approx(math.log(2))

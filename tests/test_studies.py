@@ -301,3 +301,14 @@ def test_quick_studies_end_to_end(tmp_path):
     assert mechanism["pass@1"].between(0, 1).all()
     assert (root / "regime_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "mechanism_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["grpo", "agpo"])
+def test_bfloat16_methods_differ_from_theirs_by_the_precision_only(method, tmp_path):
+    plain = load_config(None, [*METHODS[method], f"run.out_dir={tmp_path}"]).to_dict()
+    lowered = load_config(None, [*METHODS[f"{method}_bf16"], f"run.out_dir={tmp_path}"]).to_dict()
+    assert lowered["rollout"].pop("precision") == "bfloat16"
+    assert lowered["optim"].pop("precision") == "bfloat16"
+    for section in ("rollout", "optim"):
+        assert plain[section].pop("precision") == "model"
+    assert plain == lowered

@@ -29,6 +29,7 @@ from agpo_lab.algorithms.loss import (
     loss_rows,
     policy_loss,
 )
+from agpo_lab.algorithms.sampler_correction import mismatch_metrics, sampler_weights
 
 __all__ = [
     "AGGREGATIONS",
@@ -46,9 +47,11 @@ __all__ = [
     "kimi_length_penalty",
     "kl_penalty",
     "loss_rows",
+    "mismatch_metrics",
     "policy_loss",
     "reinforce_pp_baseline_advantage",
     "rl_zvp_token_advantages",
     "rloo_advantage",
+    "sampler_weights",
     "zero_variance_sign",
 ]

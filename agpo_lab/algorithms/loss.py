@@ -166,6 +166,7 @@ def policy_loss(
     max_len: int | None = None,
     kl_bias_correction: bool = False,
     log_ratio_clamp: float = 20.0,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate + beta * KL, aggregated over masked tokens; returns (loss, diagnostics).
 
@@ -181,7 +182,9 @@ def policy_loss(
     "seq_mean_token_sum_norm" needs max_len (Dr.GRPO's constant, as TRL's dr_grpo uses
     max_completion_length). kl_bias_correction=True multiplies KL_t by the (differentiable) ratio
     rho, as TRL 1.16 does by default (`use_bias_correction_kl=True`, from DeepSeek-V3.2); the
-    default False is the GRPO paper's objective above.
+    default False is the GRPO paper's objective above. token_weights [B, T] (no gradient) multiply
+    each token's surrogate term, not its KL: the sampler correction of a rollout computed in
+    another precision (`sampler_correction.sampler_weights`); None = all 1.
 
     Diagnostics (floats, over masked tokens): clip_frac_low (rho < 1 - clip_low with A < 0),
     clip_frac_high (rho > 1 + clip_high with A > 0) - the tokens whose gradient the clip removes, as
@@ -194,6 +197,11 @@ def policy_loss(
     """
     _validate_options(clip_low, clip_high, beta, kl_estimator, aggregation)
     _validate_tensors(logprobs, old_logprobs, advantages, mask, ref_logprobs, beta)
+    if token_weights is not None and token_weights.shape != logprobs.shape:
+        raise ValueError(
+            f"token_weights must have the log-probs' shape {tuple(logprobs.shape)}, "
+            f"got {tuple(token_weights.shape)}"
+        )
     mask = mask.bool()
     logprobs, old_logprobs = _as_float(logprobs), _as_float(old_logprobs)
     # zero the padded positions first: a NaN/inf there would otherwise leak into the gradient
@@ -206,6 +214,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token_pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if token_weights is not None:
+        per_token_pg = per_token_pg * token_weights.detach().float()
     pg = aggregate(per_token_pg, mask, aggregation, max_len)
 
     kl = None

@@ -16,6 +16,9 @@ The authors' code and DAPO sample until the batch is full; a bound keeps a CPU s
 predictable (each round samples only as many groups as are still missing), and every generated
 token is counted (train/tokens), so the comparison stays at equal compute."""
 
+BFLOAT16 = ["rollout.precision=bfloat16", "optim.precision=bfloat16"]
+"""The overrides of the `*_bf16` methods: sampling and update in bfloat16 (float32 weights)."""
+
 METHODS: dict[str, list[str]] = {
     "grpo": ["algorithm.estimator=grpo", "algorithm.length_reward=none"],
     "agpo": ["algorithm.estimator=agpo", "algorithm.length_reward=agpo"],
@@ -80,6 +83,19 @@ METHODS: dict[str, list[str]] = {
         "algorithm.estimator=agpo",
         "algorithm.length_reward=agpo",
         "algorithm.mask_truncated=true",
+    ],
+    # The same methods with the rollout and the update in bfloat16 (sampler corrected by
+    # truncated importance sampling): whether the faster precision changes the results, before
+    # it may become a recipe's default (evaluation stays in the model's precision).
+    "grpo_bf16": [
+        "algorithm.estimator=grpo",
+        "algorithm.length_reward=none",
+        *BFLOAT16,
+    ],
+    "agpo_bf16": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        *BFLOAT16,
     ],
 }
 """Each method is a set of config overrides on the shared base config (same budget, same seeds)."""

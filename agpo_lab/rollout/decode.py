@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from agpo_lab.config import RolloutConfig
-from agpo_lab.rollout.fast_decode import FastDecoder, compiled
+from agpo_lab.rollout.fast_decode import CannotLower, FastDecoder, compiled
 from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
 from agpo_lab.rollout.inputs import (
     distinct_prompts,
@@ -30,6 +30,7 @@ from agpo_lab.rollout.inputs import (
     stop_token_ids,
 )
 from agpo_lab.rollout.kv_cache import cache_kwarg, preallocate
+from agpo_lab.rollout.precision import autocast_to, lower_dtype
 from agpo_lab.rollout.sampling import sample_next_token
 
 
@@ -60,14 +61,15 @@ class Rollout:
 
 def _forward(runner: tuple, cache, tokens, positions, mask) -> torch.Tensor:
     """Logits [b, V] of one new token per row through the transformers forward;
-    runner = (the model, the name of its cache argument)."""
-    model, cache_name = runner
+    runner = (the model, the name of its cache argument, the autocast dtype or None)."""
+    model, cache_name, lower = runner
     inputs = {
         "input_ids": tokens[:, None],
         "attention_mask": mask,
         "position_ids": positions[:, None],
     }
-    return model(**inputs, use_cache=True, **{cache_name: cache}).logits[:, -1]
+    with autocast_to(tokens.device, lower):
+        return model(**inputs, use_cache=True, **{cache_name: cache}).logits[:, -1]
 
 
 def _fast_forward(decoder: FastDecoder, cache, tokens, positions, mask) -> torch.Tensor:
@@ -110,22 +112,29 @@ def _decode(
     if len(distinct_ids) == batch:  # keep the rows in their order
         distinct_ids, distinct_mask, inverse = prompt_ids, prompt_mask, None
     distinct_positions = positions_from_mask(distinct_mask)
+    lower = lower_dtype(model, cfg.precision)
     fast = cfg.fast_decode and fast_decode_supported(model)
     if fast:  # FastDecoder compiles its own step when asked
-        runner, forward = FastDecoder(model, compile=cfg.compile_decode), _fast_forward
+        try:
+            runner = FastDecoder(model, compile=cfg.compile_decode, dtype=lower)
+        except CannotLower:  # its weights cannot be copied to `lower`: autocast instead
+            fast = False
+    if fast:
+        forward = _fast_forward
         logits, cache = runner.prefill(distinct_ids, distinct_mask, distinct_positions, steps)
     else:
-        out = model(
-            input_ids=distinct_ids,
-            attention_mask=distinct_mask,
-            position_ids=distinct_positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with autocast_to(device, lower):
+            out = model(
+                input_ids=distinct_ids,
+                attention_mask=distinct_mask,
+                position_ids=distinct_positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         preallocate(cache, steps)
         logits = out.logits[:, -1]
-        runner, forward = (model, cache_kwarg(model)), _forward
+        runner, forward = (model, cache_kwarg(model), lower), _forward
     position = distinct_positions[:, -1]
     if inverse is not None:
         cache.batch_select_indices(inverse)

@@ -155,9 +155,10 @@ class FusedLayer(NamedTuple):
     """[intermediate, hidden]: down_proj's weight, transposed (a view), for addmm."""
 
 
-def fuse_layer(layer: torch.nn.Module) -> FusedLayer | None:
+def fuse_layer(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> FusedLayer | None:
     """The layer's `FusedLayer` when its projections are plain or LoRA Linears (adapters merged)
-    and its norms plain RMSNorms, else None."""
+    and its norms plain RMSNorms, else None. `dtype`: the fused copies' dtype (folded in the
+    weights' own precision, then cast once); None keeps the weights' dtype."""
     parts = [_effective(p) for p in _projections(layer)]
     norms = [_norm_parts(layer.input_layernorm), _norm_parts(layer.post_attention_layernorm)]
     if any(p is None for p in parts) or any(n is None for n in norms):
@@ -166,16 +167,22 @@ def fuse_layer(layer: torch.nn.Module) -> FusedLayer | None:
     mixed_qkv_bias = len({b is None for b in (q[1], k[1], v[1])}) > 1
     if mixed_qkv_bias or any(b is not None for b in (gate[1], up[1], down[1])):
         return None
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
     return FusedLayer(
-        qkv_weight=torch.cat([q[0], k[0], v[0]]) * g_in,
-        qkv_bias=None if q[1] is None else torch.cat([q[1], k[1], v[1]]),
+        qkv_weight=cast(torch.cat([q[0], k[0], v[0]]) * g_in),
+        qkv_bias=cast(None if q[1] is None else torch.cat([q[1], k[1], v[1]])),
         input_eps=eps_in,
-        o_weight_t=o[0].t(),
-        o_bias=o[1],
-        gate_up_weight=torch.cat([gate[0], up[0]]) * g_post,
+        o_weight_t=cast(o[0]).t(),
+        o_bias=cast(o[1]),
+        gate_up_weight=cast(torch.cat([gate[0], up[0]]) * g_post),
         post_eps=eps_post,
-        down_weight_t=down[0].t(),
+        down_weight_t=cast(down[0]).t(),
     )
+
+
+class CannotLower(ValueError):
+    """`FastDecoder` cannot copy this model's weights to the lower dtype asked for (a layer, norm
+    or LM head it does not fuse); the decoding loop then autocasts the transformers forward."""
 
 
 @functools.cache
@@ -193,7 +200,9 @@ class FastDecoder:
         logits = decoder.step(cache, tokens, positions, mask)   # once per new token
     """
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, compile: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
         base = _base(model)
         self.decoder, self.lm_head = base.get_decoder(), base.get_output_embeddings()
         attn = self.decoder.layers[0].self_attn
@@ -202,17 +211,26 @@ class FastDecoder:
         self.kv_heads = getattr(base.config, "num_key_value_heads", None) or self.heads
         self.compile = compile
         layers = self.decoder.layers
+        own_dtype = _linear(attn.o_proj).weight.dtype
+        lowered = dtype is not None and dtype != own_dtype
+        self.dtype = dtype if lowered else own_dtype
+        """What the rollout computes in: the weights' own dtype, or the lower one asked for."""
         lora = any(_is_lora(p) for layer in layers for p in _projections(layer))
         size = _weight_bytes(layers)
-        worth = size <= MERGE_MAX_BYTES if lora else size <= FUSE_MAX_BYTES
-        self.fused = [fuse_layer(layer) for layer in layers] if worth else [None] * len(layers)
+        worth = size <= MERGE_MAX_BYTES if lora or lowered else size <= FUSE_MAX_BYTES
+        fused_dtype = self.dtype if lowered else None
+        fused = [fuse_layer(layer, fused_dtype) for layer in layers] if worth else None
+        self.fused = fused or [None] * len(layers)
         self.head = None
-        """(LM head weight with the final norm's weight folded in, eps), for a small plain head."""
+        """(LM head weight with the final norm's weight folded in, eps, bias), for a small head."""
         norm, head = _norm_parts(self.decoder.norm), self.lm_head
-        plain_head = type(head) is torch.nn.Linear and head.bias is None
-        if norm is not None and plain_head and head.weight.nbytes <= FUSE_MAX_BYTES:
-            self.head = (head.weight * norm[0], norm[1])
-        half = attn.o_proj.weight.new_ones(self.head_dim // 2)
+        plain_head = type(head) is torch.nn.Linear
+        if norm is not None and plain_head and (lowered or head.weight.nbytes <= FUSE_MAX_BYTES):
+            bias = None if head.bias is None else head.bias.to(self.dtype)
+            self.head = ((head.weight * norm[0]).to(self.dtype), norm[1], bias)
+        if lowered and (None in self.fused or self.head is None):
+            raise CannotLower(f"a layer, norm or LM head of this model cannot be copied to {dtype}")
+        half = attn.o_proj.weight.new_ones(self.head_dim // 2, dtype=self.dtype)
         self.rotate_sign = torch.cat([-half, half])
         """[-1, ..., 1, ...]: rotate_half(x) * sin == roll(x, d / 2) * (sin * rotate_sign)."""
 
@@ -262,7 +280,7 @@ def _forward(
     (b, p), length, d = tokens.shape, bias.shape[-1], dec.head_dim
     heads, kv_heads = dec.heads, dec.kv_heads
     group, start = heads // kv_heads, length - p
-    x = dec.decoder.embed_tokens(tokens).view(b * p, -1)
+    x = dec.decoder.embed_tokens(tokens).view(b * p, -1).to(dec.dtype)
     cos, sin = dec.decoder.rotary_emb(x, positions)  # [b, p, d]
     cos, sin = cos[:, None], (sin * dec.rotate_sign)[:, None]  # broadcast over heads
     # The mask laid out as the scores: [b * kv_heads, group * p queries, length keys].
@@ -277,7 +295,7 @@ def _forward(
             qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], -1)
         qk = qk.reshape(b, p, heads + kv_heads, d).transpose(1, 2)  # [b, heads, p, d]
         if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-            qk = torch.cat([a.q_norm(qk[:, :heads]), a.k_norm(qk[:, heads:])], dim=1)
+            qk = torch.cat([a.q_norm(qk[:, :heads]), a.k_norm(qk[:, heads:])], dim=1).to(x.dtype)
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
         keys, values = cache.keys[i], cache.values[i]
         keys.narrow(2, start, p).copy_(qk[:, heads:])
@@ -285,7 +303,9 @@ def _forward(
         q = qk[:, :heads].reshape(b * kv_heads, group * p, d)  # a group's heads share a kv head
         keys, values = (t[:, :, :length].reshape(-1, length, d) for t in (keys, values))
         scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=dec.scaling)
-        attended = torch.bmm(scores.softmax(-1), values)  # [b * kv_heads, group * p, d]
+        # softmax in float32 whatever the compute dtype, as the attention backends do
+        probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+        attended = torch.bmm(probs, values)  # [b * kv_heads, group * p, d]
         attended = attended.view(b, heads, p, d).transpose(1, 2).reshape(b * p, heads * d)
         if fused is None:
             x = x + a.o_proj(attended)
@@ -299,4 +319,5 @@ def _forward(
     x = x.view(b, p, -1)[:, -1]
     if dec.head is None:
         return dec.lm_head(dec.decoder.norm(x))
-    return F.linear(_unit_scale(x, dec.head[1]), dec.head[0])
+    weight, sum_eps, bias = dec.head
+    return F.linear(_unit_scale(x, sum_eps), weight, bias)

@@ -35,6 +35,11 @@ class RowBatch:
     token_advantages: Tensor | None = None
     """[B, C] one advantage per token (RL-ZVP), used by the loss instead of `advantages`; None:
     every token of a row gets the row's advantage."""
+    sampler_logprobs: Tensor | None = None
+    """[B, C] log-probs under the sampler when it computes in another precision than the update
+    (`rollout.precision`, `optim.precision`): the update then recomputes `old_logprobs` with the
+    trained policy and weights each token by their ratio (`algorithm.sampler_correction`); None:
+    the sampler is the trained policy and `old_logprobs` are its log-probs."""
 
     @property
     def model_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -72,6 +77,9 @@ class RowBatch:
             token_advantages=None
             if self.token_advantages is None
             else self.token_advantages[:, :width],
+            sampler_logprobs=None
+            if self.sampler_logprobs is None
+            else self.sampler_logprobs[:, :width],
         )
 
     def row_lengths(self) -> tuple[Tensor, Tensor]:
@@ -101,6 +109,9 @@ class RowBatch:
             token_advantages=None
             if any(b.token_advantages is None for b in batches)
             else cat("token_advantages", completion_width, 0, left=False),
+            sampler_logprobs=None
+            if any(b.sampler_logprobs is None for b in batches)
+            else cat("sampler_logprobs", completion_width, 0, left=False),
         )
 
     def replace_groups(

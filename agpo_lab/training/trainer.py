@@ -36,6 +36,7 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
 from agpo_lab.algorithms.loss import loss_rows, policy_loss
+from agpo_lab.algorithms.sampler_correction import mismatch_metrics, sampler_weights
 from agpo_lab.config import TrainConfig
 from agpo_lab.errors import ConfigError, NonFiniteError
 from agpo_lab.evaluation import evaluate
@@ -48,6 +49,7 @@ from agpo_lab.rollout.logprobs import (
     lm_head_share,
     pass_layout,
 )
+from agpo_lab.rollout.precision import autocast_to, lower_dtype
 from agpo_lab.tasks.base import Problem, Task
 from agpo_lab.tasks.registry import build_task
 from agpo_lab.training import faults
@@ -72,7 +74,7 @@ from agpo_lab.training.metrics import (
 )
 from agpo_lab.training.planning import UpdatePlan, plan_update
 from agpo_lab.training.precision import lost_update_warning
-from agpo_lab.training.reference import load_reference, reference_logprobs
+from agpo_lab.training.reference import ReferencePolicy, load_reference, reference_logprobs
 from agpo_lab.training.rewards import group_advantages, shaped_rewards, token_advantages
 from agpo_lab.training.run_dir import RunDir
 from agpo_lab.training.tracking import Trackers, check_trackers
@@ -191,6 +193,11 @@ class Trainer:
         self._share_prompts = share and can_share_prompts(self.policy.train())
         self._pack_rows = o.pack_rows and can_pack_rows(self.policy)
         self._head_share = lm_head_share(self.policy)  # weighs the passes' layouts
+        # bfloat16 autocast of the update's passes (optim.precision), and whether the rollout's
+        # log-probs come from another computation than the update's (then corrected for).
+        self._update_dtype = lower_dtype(self.policy, o.precision)
+        rollout_lowered = lower_dtype(self.policy, cfg.rollout.precision) is not None
+        self._sampler_differs = rollout_lowered or self._update_dtype is not None
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
         self.state = TrainingState(
             policy=self.policy,
@@ -358,6 +365,7 @@ class Trainer:
             advantages=row_adv.to(device),
             active=loss_rows(group_mask, truncated, a.mask_truncated).to(device),
             token_advantages=None if token_adv is None else token_adv.to(device),
+            sampler_logprobs=out.logprobs if self._sampler_differs else None,
         )
         end_prob = stop_probability(out.logprobs, out.lengths, out.truncated).view(-1, G)
         info = {"scores": scores, "rewards": rewards, "lengths": lengths, "truncated": truncated,
@@ -417,7 +425,19 @@ class Trainer:
             head_share=self._head_share,
         )
         share, pack = self._share_prompts, self._pack_rows
-        ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share, pack)
+        lowered = autocast_to(procs.device, self._update_dtype)
+        with lowered:
+            ref = reference_logprobs(self.reference, batch, plan.reference_chunks, T, share, pack)
+        # A sampler in another precision: old log-probs are the trained policy's. With one
+        # optimizer step they are the pass's own, detached; with more, one no-grad pass first.
+        correct = batch.sampler_logprobs is not None
+        old_from_pass = correct and len(plan.steps) == 1
+        if correct and not old_from_pass:
+            with lowered:
+                batch.old_logprobs = reference_logprobs(
+                    ReferencePolicy(self.policy), batch, plan.reference_chunks, T, share, pack
+                )
+        mismatch: list[tuple[torch.Tensor, ...]] = []
         stats = UpdateStats(self._ratio_guard)
         self.policy.train()
         for step in plan.steps:
@@ -426,14 +446,28 @@ class Trainer:
                 mb = batch.select(micro.rows).trimmed()
                 last = i == len(step.micro_batches) - 1
                 with procs.sync_gradients_if(last, self._ddp_policy):
-                    logps = completion_logprobs(
-                        self._update_forward,
-                        *mb.model_inputs,
-                        temperature=T,
-                        share_prompts=share,
-                        pack_rows=pack,
-                    )
+                    with lowered:
+                        logps = completion_logprobs(
+                            self._update_forward,
+                            *mb.model_inputs,
+                            temperature=T,
+                            share_prompts=share,
+                            pack_rows=pack,
+                        )
                     mb_ref = None if ref is None else ref[micro.rows, : logps.shape[1]]
+                    if old_from_pass:
+                        mb.old_logprobs = logps.detach()
+                    weights = None
+                    if correct:
+                        weights = sampler_weights(
+                            mb.old_logprobs, mb.sampler_logprobs, mb.loss_mask,
+                            a.sampler_correction, a.sampler_correction_cap,
+                        )  # fmt: skip
+                        if step.epoch == 0:  # every computed row once
+                            mask = mb.loss_mask > 0
+                            mismatch.append(
+                                (mb.old_logprobs[mask], mb.sampler_logprobs[mask], weights[mask])
+                            )
                     loss, diagnostics = policy_loss(
                         logps,
                         mb.old_logprobs,
@@ -446,6 +480,7 @@ class Trainer:
                         kl_estimator=a.kl_estimator,
                         aggregation=a.aggregation,
                         max_len=self.cfg.rollout.max_new_tokens,
+                        token_weights=weights,
                     )
                     # the mini-batch loss is the share-weighted sum of its passes' losses
                     procs.backward(loss * micro.share)
@@ -470,6 +505,12 @@ class Trainer:
             state.optimizer.zero_grad(set_to_none=True)
             stats.add(step_stats)
         summary = {k: (v if v is None else procs.mean(v)) for k, v in stats.summary().items()}
+        if correct:  # how far the sampler was from the trained policy (NaN: no row computed)
+            empty = (batch.old_logprobs.new_zeros(0),) * 3
+            trainer_lp, sampler_lp, weights = (torch.cat(p) for p in zip(empty, *mismatch))
+            ones = torch.ones_like(trainer_lp)
+            found = mismatch_metrics(trainer_lp, sampler_lp, ones, weights)
+            summary.update({k: procs.mean(v) for k, v in found.items()})
         real, padded = _computed_tokens(batch, plan, share, pack, self._head_share)
         return {
             **summary,
