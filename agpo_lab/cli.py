@@ -168,10 +168,12 @@ def eval_main(argv: list[str]) -> int:
         check_writable(path)
     check_eval_bounds(cfg, args.target, args.device)  # memory and task size, from config.json
     model, tokenizer, _, description = load_run_policy(args.target, args.device)
+    check_not_stopped()  # a load cut short may have left weights missing
     task = build_task(cfg.task)
     problems = task.problems(args.split or cfg.task.eval_split)
     eval_cfg = dataclasses.replace(cfg.eval, progress=cfg.eval.progress or not args.quiet)
     records = evaluate_records(model, tokenizer, task, problems, eval_cfg)
+    check_not_stopped()
     metrics = summarize_records(records, cfg.eval.k)
     print(f"{description}, task {cfg.task.name}, {records['problem_id'].nunique()} problems")
     for key, value in metrics.items():
@@ -387,12 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM stops a command as Ctrl-C does (training and reproduce install their own handler,
     # which saves first); either way the status is 130.
     main_thread = threading.current_thread() is threading.main_thread()  # handlers live there
-    previous = signal.getsignal(signal.SIGTERM)
+    STOP_REQUESTED.clear()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     if main_thread:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # A process started with them blocked (from a thread that blocks signals) never stops.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _request_stop)
     try:
-        return int(verb(argv[1:]) or 0)
+        status = int(verb(argv[1:]) or 0)
+        if STOP_REQUESTED.is_set():  # library code swallowed the KeyboardInterrupt
+            raise KeyboardInterrupt
+        return status
     except AgpoLabError as err:  # the user's input or environment: one line, no traceback
+        if STOP_REQUESTED.is_set() and not isinstance(err, Interrupted):
+            # e.g. a model load cut short is reported by transformers as a broken folder: it is not
+            print(f"agpo-lab {argv[0]}: interrupted", file=sys.stderr)
+            return 130
         print(f"agpo-lab {argv[0]}: {' '.join(str(err).split())}", file=sys.stderr)
         return 130 if isinstance(err, Interrupted) else 2
     except KeyboardInterrupt:  # a second Ctrl-C; what could be saved was saved
@@ -402,11 +415,27 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_REQUESTED = threading.Event()
+"""Set by Ctrl-C or SIGTERM while a verb runs (outside training's own handler): the verb then ends
+with status 130 even where library code caught the KeyboardInterrupt or turned it into another
+error (transformers does, inside a model load), and `check_not_stopped` refuses to write results."""
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    STOP_REQUESTED.set()
     raise KeyboardInterrupt
+
+
+def check_not_stopped() -> None:
+    """Raise KeyboardInterrupt if a stop was requested: before writing a result that may have been
+    computed from work a swallowed interrupt cut short."""
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

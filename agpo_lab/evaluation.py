@@ -121,26 +121,30 @@ def evaluate_records(
     # (greedy?, completions per problem): one greedy pass, then k samples per problem.
     passes = [(True, 1)] * cfg.greedy + [(False, cfg.k)] * (cfg.k > 0)
     total = len(prompts) * sum(per_prompt for _, per_prompt in passes)
-    bar = tqdm(total=total, desc="held-out evaluation", unit="completion", disable=not cfg.progress)
-    for greedy, per_prompt in passes:
-        rows = _generate_rows(model, tokenizer, prompts, per_prompt, greedy, cfg, generator, bar)
-        for row_index, (text, tokens, truncated) in enumerate(rows):
-            problem = problems[row_index // per_prompt]
-            score = float(task.score(text, problem))
-            records.append(
-                {
-                    "problem_id": problem.id,
-                    "difficulty": problem.difficulty,
-                    "greedy": greedy,
-                    "sample": row_index % per_prompt,
-                    "text": text,
-                    "tokens": tokens,
-                    "truncated": truncated,
-                    "score": score,
-                    "correct": is_correct(score),
-                }
+    # `with`: an interrupt closes the bar at once, so a caller's last line comes after it
+    with tqdm(
+        total=total, desc="held-out evaluation", unit="completion", disable=not cfg.progress
+    ) as bar:
+        for greedy, per_prompt in passes:
+            rows = _generate_rows(
+                model, tokenizer, prompts, per_prompt, greedy, cfg, generator, bar
             )
-    bar.close()
+            for row_index, (text, tokens, truncated) in enumerate(rows):
+                problem = problems[row_index // per_prompt]
+                score = float(task.score(text, problem))
+                records.append(
+                    {
+                        "problem_id": problem.id,
+                        "difficulty": problem.difficulty,
+                        "greedy": greedy,
+                        "sample": row_index % per_prompt,
+                        "text": text,
+                        "tokens": tokens,
+                        "truncated": truncated,
+                        "score": score,
+                        "correct": is_correct(score),
+                    }
+                )
     return pd.DataFrame.from_records(records)
 
 

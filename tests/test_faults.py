@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -719,13 +720,50 @@ def test_an_eval_stopped_by_sigterm_exits_130(tmp_path):
     args = [str(AGPO_LAB), "eval", "embedded", "eval.n_problems=200", "--out", str(tmp_path / "e")]
     child = subprocess.Popen(args, stderr=subprocess.PIPE)
     seen = b""
-    while b"%" not in seen and child.poll() is None:  # its progress bar: evaluating
+    while b"evaluation:" not in seen and child.poll() is None:  # its progress bar: evaluating
         seen += os.read(child.stderr.fileno(), 4096)
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate()
-    assert child.returncode == 130, (seen + err).decode(errors="replace")[-2000:]
+    text = (seen + err).decode(errors="replace")
+    assert child.returncode == 130, text[:1500] + "\n...\n" + text[-1500:]
     assert err.decode().strip().splitlines()[-1] == "agpo-lab eval: interrupted"
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("library", ["converts", "swallows"])
+def test_an_interrupt_that_library_code_catches_still_ends_the_command_with_130(
+    tmp_path, monkeypatch, capsys, library
+):
+    # transformers turns a KeyboardInterrupt inside a model load into another error (seen: "trying
+    # to pop from empty mode stack"), which read as a broken model folder; code that swallows one
+    # would go on and write results from a cut-short load.
+    import agpo_lab.training.checkpoints as checkpoints
+    from agpo_lab.cli import main
+    from agpo_lab.errors import ModelLoadError
+
+    assert threading.current_thread() is threading.main_thread()  # where handlers live
+    real_load = checkpoints.load_run_policy
+
+    def interrupted_load(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here
+        except KeyboardInterrupt:
+            if library == "converts":
+                raise ModelLoadError(
+                    "cannot load model folder x: RuntimeError: mode stack"
+                ) from None
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_run_policy", interrupted_load)
+    before = signal.getsignal(signal.SIGTERM)
+    status = main(
+        ["eval", "embedded", "eval.n_problems=2", "--quiet", "--out", str(tmp_path / "e")]
+    )
+    assert status == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "agpo-lab eval: interrupted"
+    assert not (tmp_path / "e").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
 @pytest.mark.parametrize("verb", ["train", "eval", "reproduce", "study", None])
