@@ -57,13 +57,24 @@ BASELINES = ("hf", "hf_bf16")
 PROMPTS = ["12+34=", "7*8=", "(5+6)*2=", "99-45=", "3+4*5=", "81/9=", "1+1=", "250-17="]
 
 
-def build_model(model_path: str | None, device: str):
-    """The benchmark model and tokenizer: a local model folder, or a ~1M-param random Qwen2."""
+def build_model(model_path: str | None, device: str, lora: bool = False):
+    """The benchmark model and tokenizer: a local model folder, or a ~1M-param random Qwen2;
+    with `lora`, a folder's model wrapped in LoRA adapters as the recipes train it (r = 16 on
+    every linear layer, B drawn at random so that the adapters change the outputs)."""
     if model_path:
         from agpo_lab.config import ModelConfig
         from agpo_lab.models.loading import load_policy
 
-        return load_policy(ModelConfig(name_or_path=model_path, dtype="float32"), device)
+        cfg = ModelConfig(name_or_path=model_path, dtype="float32", lora=lora, lora_r=16,
+                          lora_alpha=32, lora_dropout=0.0)  # fmt: skip
+        model, tok = load_policy(cfg, device)
+        if lora:
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.copy_(torch.randn(param.shape, generator=gen) * 1e-3)
+        return model, tok
     from agpo_lab.models.tiny import build_tiny_causal_lm
     from agpo_lab.models.tokenizer import build_char_tokenizer
 
@@ -125,7 +136,7 @@ def worker(args: argparse.Namespace) -> dict:
     from agpo_lab.rollout import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = build_model(args.model, device)
+    model, tok = build_model(args.model, device, args.lora)
     eos = tok.eos_token_id
     if args.case == "forced":
         set_eos_bias(model, eos, -1e9)
@@ -202,7 +213,7 @@ def measure(args: argparse.Namespace, impl: str, case: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--case", case]
     cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--temperature", str(args.temperature), "--repeats", str(args.repeats)]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads)] + (["--lora"] if args.lora else [])
     if args.model:
         cmd += ["--model", args.model]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -234,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = default")
     parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="with --model: the model with LoRA adapters (r = 16, every linear layer), as the "
+        "recipes train it; model.generate then runs peft's adapter layers",
+    )
+    parser.add_argument(
         "--impls",
         nargs="+",
         choices=list(IMPLS),
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     model_name = args.model or "random Qwen2 (h128, 4 layers, ~1M params, char tokenizer)"
+    model_name += " with LoRA r=16" if args.lora else ""
     print(
         f"model: {model_name}; batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
         f"T={args.temperature}, best of {args.repeats}, torch threads {torch.get_num_threads()}"

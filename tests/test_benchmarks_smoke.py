@@ -79,7 +79,14 @@ def test_bench_rollout_helpers():
 def test_bench_rollout_worker_smoke(impl, case):
     bench = _bench_module()
     args = bench.argparse.Namespace(
-        model=None, impl=impl, case=case, batch=2, max_new_tokens=4, temperature=1.0, repeats=1
+        model=None,
+        impl=impl,
+        case=case,
+        batch=2,
+        max_new_tokens=4,
+        temperature=1.0,
+        repeats=1,
+        lora=False,
     )
     result = bench.worker(args)
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0

@@ -105,6 +105,22 @@ def test_lora_model_decodes_with_its_adapters_merged_and_matches():
         )
 
 
+def test_bfloat16_model_with_float32_adapters_decodes_in_bfloat16_and_matches():
+    # peft keeps a bfloat16 model's adapters in float32: the merged weight (base + delta) comes
+    # out float32, and the fused copy must still be the model's bfloat16
+    peft = pytest.importorskip("peft")
+    model = _model("qwen2").to(torch.bfloat16)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = peft.get_peft_model(model, config).eval()
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(q_proj.lora_B["default"].weight, std=0.5)
+    assert q_proj.lora_B["default"].weight.dtype == torch.float32
+    assert FastDecoder(model).fused[0].qkv_weight.dtype == torch.bfloat16
+    for expected, got in _decode_both(model):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
 def test_lora_model_above_the_merging_size_uses_its_modules_and_matches(monkeypatch):
     model = _lora_model()
     monkeypatch.setattr(fast_decode, "MERGE_MAX_BYTES", 1024)

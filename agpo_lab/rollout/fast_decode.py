@@ -218,8 +218,8 @@ class FastDecoder:
         lora = any(_is_lora(p) for layer in layers for p in _projections(layer))
         size = _weight_bytes(layers)
         worth = size <= MERGE_MAX_BYTES if lora or lowered else size <= FUSE_MAX_BYTES
-        fused_dtype = self.dtype if lowered else None
-        fused = [fuse_layer(layer, fused_dtype) for layer in layers] if worth else None
+        # In the compute dtype even when not lowered: a bfloat16 base's merged LoRA delta is float32.
+        fused = [fuse_layer(layer, self.dtype) for layer in layers] if worth else None
         self.fused = fused or [None] * len(layers)
         self.head = None
         """(LM head weight with the final norm's weight folded in, eps, bias), for a small head."""
