@@ -104,3 +104,40 @@ def test_models_the_shared_forward_does_not_cover_are_refused():
     model.activation_checkpointing_enable()
     assert can_share_prompts(model)  # in eval mode (the reference) the cache still works
     assert not can_share_prompts(model.train())  # checkpointing switches the KV cache off
+
+
+def _head_weight_copies(model, inputs, **kwargs) -> list[list[int]]:
+    """Shapes of the `bmm` operands that hold the LM head's weight once per row, forward and
+    backward of one log-prob pass (the copy torch.matmul makes for a non-contiguous input)."""
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:  # fmt: skip
+        completion_logprobs(model, *inputs, **kwargs).sum().backward()
+    return [
+        shape
+        for event in prof.events()
+        if event.name == "aten::bmm"
+        for shape in event.input_shapes
+        if len(shape) == 3 and sorted(shape[1:]) == sorted([hidden, vocab])
+    ]
+
+
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared", "plain"])
+def test_the_lm_head_runs_as_one_matrix_product_without_a_weight_copy_per_row(share_prompts):
+    # logits_to_keep hands the head a strided view of the hidden states; with a frozen head (LoRA)
+    # matmul then expanded the [V, D] weight to [rows, D, V] and ran bmm (a trained head's weight
+    # makes matmul copy the input instead)
+    model = _lora_model().train()
+    assert not model.get_output_embeddings().weight.requires_grad
+    inputs = _group_batch()
+    assert _head_weight_copies(model, inputs, share_prompts=share_prompts) == []
+    from agpo_lab.rollout import inputs as rollout_inputs
+
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with rollout_inputs.contiguous_head_input(model):
+        model(input_ids=inputs[0], logits_to_keep=1)
+    assert seen == [True]
+    model(input_ids=inputs[0], logits_to_keep=1)  # the hook is gone: transformers' strided view
+    assert seen == [True, False]

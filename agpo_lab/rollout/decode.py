@@ -23,6 +23,7 @@ from agpo_lab.config import RolloutConfig
 from agpo_lab.rollout.fast_decode import CannotLower, FastDecoder, compiled
 from agpo_lab.rollout.fast_decode import supported as fast_decode_supported
 from agpo_lab.rollout.inputs import (
+    contiguous_head_input,
     distinct_prompts,
     eval_mode,
     left_pad,
@@ -123,7 +124,7 @@ def _decode(
         forward = _fast_forward
         logits, cache = runner.prefill(distinct_ids, distinct_mask, distinct_positions, steps)
     else:
-        with autocast_to(device, lower):
+        with autocast_to(device, lower), contiguous_head_input(model):
             out = model(
                 input_ids=distinct_ids,
                 attention_mask=distinct_mask,

@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from transformers import masking_utils
 
 from agpo_lab.rollout.fast_decode import supported as llama_family
-from agpo_lab.rollout.inputs import distinct_prompts, positions_from_mask
+from agpo_lab.rollout.inputs import (
+    contiguous_head_input,
+    distinct_prompts,
+    positions_from_mask,
+)
 from agpo_lab.rollout.kv_cache import cache_kwarg
 from agpo_lab.rollout.packing import packed_inputs, packed_shape
 
@@ -216,21 +220,22 @@ def completion_logprobs(
         head_share=lm_head_share(model) if share or pack else 0.0,
     )
     inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-    if layout == "shared":
-        logits = shared_prompt_logits(model, *inputs)
-    elif layout == "packed":
-        logits = packed_logits(model, *inputs)
-    else:
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask.long(), (completion_mask > 0).long()], dim=1)
-        # Keep only the logits that predict completion tokens (the last prompt position onwards).
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=width + 1,
-        ).logits[:, :-1]
+    with contiguous_head_input(model):  # the kept positions, without a weight copy per row
+        if layout == "shared":
+            logits = shared_prompt_logits(model, *inputs)
+        elif layout == "packed":
+            logits = packed_logits(model, *inputs)
+        else:
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask.long(), (completion_mask > 0).long()], dim=1)
+            # Only the logits that predict completion tokens (the last prompt position onwards).
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+                logits_to_keep=width + 1,
+            ).logits[:, :-1]
     logprob_rows, entropy_rows = [], []
     # Rows in chunks of at most LOGPROB_CHUNK_ELEMENTS float32 logits: a tiny vocabulary takes
     # the whole batch in one op, a 150k vocabulary one row at a time (a bounded float32 copy).
