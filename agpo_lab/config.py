@@ -803,6 +803,11 @@ class WarmStartConfig(Settings):
     """LoRA rank r."""
     lora_alpha: int = 32
     """LoRA scale numerator: the update is (alpha / r) * B A."""
+    micro_batch_tokens: int = 512
+    """The step's solutions go through the loss in passes of at most this many prompt +
+    completion tokens (whole solutions; one longer than this gets its own pass), their gradients
+    summed: the peak memory of one pass's [tokens, vocabulary] logits, not the batch's. 0: one
+    pass."""
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Difficulty levels of the SFT questions (the RL training mix of configs/smollm2)."""
     max_verbosity: int = 4
@@ -835,7 +840,8 @@ class WarmStartConfig(Settings):
         check("name", name_problem is None, str(name_problem))
         for key in ("steps", "batch_size", "lora_r", "save_every", "group_size", "max_new_tokens"):
             check(key, getattr(self, key) >= 1, "must be >= 1")
-        for key in ("warmup_steps", "max_verbosity", "card_train_problems", "card_eval_problems"):
+        for key in ("warmup_steps", "max_verbosity", "card_train_problems", "card_eval_problems",
+                    "micro_batch_tokens"):  # fmt: skip
             check(key, getattr(self, key) >= 0, "must be >= 0")
         check("num_threads", self.num_threads >= 1, "must be >= 1")
         check("learning_rate", self.learning_rate > 0, "must be > 0")

@@ -107,3 +107,35 @@ def test_the_named_warm_start_says_how_to_build_it(tmp_path, monkeypatch):
         resolve_model_path(WarmStartConfig.name)
     with pytest.raises(ConfigError, match="warmstart.name|name="):
         WarmStartConfig(name="../elsewhere")
+
+
+def test_token_budget_chunks_worked_example_from_its_docstring():
+    chunks = warmstart.token_budget_chunks([300, 200, 100, 600], 512)
+    assert chunks == [slice(0, 2), slice(2, 3), slice(3, 4)]
+    assert warmstart.token_budget_chunks([300, 200], 0) == [slice(0, 2)]
+    assert warmstart.token_budget_chunks([900, 10], 512) == [slice(0, 1), slice(1, 2)]
+
+
+def test_micro_batches_train_the_same_weights_as_one_pass(tiny_model_dir, tmp_path, monkeypatch):
+    # the step's loss is the mean over all its completion tokens either way; only the peak of one
+    # pass's logits differs
+    passes, real_logprobs = [], warmstart.completion_logprobs
+    monkeypatch.setattr(
+        warmstart,
+        "completion_logprobs",
+        lambda m, *a, **k: passes.append(1) or real_logprobs(m, *a, **k),
+    )
+    trained = {}
+    for budget in (0, 60):
+        settings = dataclasses.replace(
+            tiny_settings(tiny_model_dir, "x"), steps=2, micro_batch_tokens=budget
+        )
+        (staging := tmp_path / str(budget)).mkdir()
+        passes.clear()
+        model, _, summary = warmstart.train_warm_start(settings, staging, progress=False)
+        trained[budget] = (model.state_dict(), len(passes), summary["final_loss"])
+    (one, one_passes, one_loss), (many, many_passes, many_loss) = trained[0], trained[60]
+    assert one_passes == 2 and many_passes > 2 * 2  # the budget split every step
+    assert many_loss == pytest.approx(one_loss, rel=1e-5)
+    for key in one:
+        torch.testing.assert_close(many[key], one[key], atol=1e-6, rtol=1e-5)

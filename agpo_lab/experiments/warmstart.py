@@ -115,6 +115,21 @@ def _save_state(path: Path, model: Any, optimizer: Any, step: int, log: list[dic
     tmp.replace(path)  # atomic: a kill leaves the previous state or the new one
 
 
+def token_budget_chunks(row_tokens: list[int], budget: int) -> list[slice]:
+    """Consecutive rows in chunks of at most `budget` tokens (a row above it alone; budget 0: one
+    chunk). Example: tokens [300, 200, 100, 600], budget 512 -> rows 0:2, 2:3, 3:4."""
+    if budget <= 0:
+        return [slice(0, len(row_tokens))]
+    chunks, start, total = [], 0, 0
+    for i, count in enumerate(row_tokens):
+        if i > start and total + count > budget:
+            chunks.append(slice(start, i))
+            start, total = i, 0
+        total += count
+    chunks.append(slice(start, len(row_tokens)))
+    return chunks
+
+
 def train_warm_start(
     cfg: WarmStartConfig, staging: Path, progress: bool = True
 ) -> tuple[Any, Any, dict]:
@@ -153,11 +168,15 @@ def train_warm_start(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, cfg)
         inputs = sft_tensors(sft_examples(cfg, step, task, tokenizer), tokenizer)
-        logprobs = completion_logprobs(model, *inputs, pack_rows=True)
         tokens = inputs[3].sum()
-        loss = -logprobs.sum() / tokens
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        row_tokens = (inputs[1].sum(1) + inputs[3].sum(1)).tolist()
+        for rows in token_budget_chunks(row_tokens, cfg.micro_batch_tokens):
+            chunk = [tensor[rows] for tensor in inputs]
+            part = -completion_logprobs(model, *chunk, pack_rows=True).sum() / tokens
+            part.backward()
+            loss += part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         seconds = time.perf_counter() - began
