@@ -45,6 +45,22 @@ def test_bench_trainer_quick_prints_ratios():
     assert re.search(r"^\(ratio if our sampling were free: \d+\.\d+;", out, re.MULTILINE), out
 
 
+@pytest.mark.slow
+def test_bench_warmstart_prints_its_table_and_ratio(tiny_model_dir):
+    script = REPO_ROOT / "benchmarks" / "bench_warmstart.py"
+    args = ["--model", str(tiny_model_dir), "--steps", "1", "--warmup", "0", "--batch-size", "2"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    match = re.search(r"^ratio tokens/s ours/TRL: (\d+\.\d+)", out, flags=re.MULTILINE)
+    assert match and float(match.group(1)) > 0, out
+    tokens = re.search(r"^tokens per step \(real\)\s+(\d+)\s+(\d+)", out, flags=re.MULTILINE)
+    assert tokens and tokens.group(1) == tokens.group(2) and int(tokens.group(1)) > 0, out
+    assert re.search(r"^peak RSS \(MiB\)\s+\d+\s+\d+", out, flags=re.MULTILINE), out
+
+
 def test_flop_limit_counts_linear_weights_and_passes():
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from flop_limit import flops_per_token, linear_weights, matmul_gflops, percent_of_limit
