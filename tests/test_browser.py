@@ -246,7 +246,11 @@ def test_every_notebook_shows_its_figures_as_images_in_the_browser(lab, browser,
     try:
         browser.get(f"{url}/lab/tree/notebooks/{copy.name}?token={token}")
         if path.stem in STORED:
-            wait_for(lambda: cell_report(browser), "the notebook to render", browser=browser)
+            wait_for(  # every cell, not the first ones JupyterLab has drawn so far
+                lambda: len(cell_report(browser) or []) == len(notebook.cells),
+                "every cell of the notebook to render",
+                browser=browser,
+            )
             in_widgets_only = [  # widget state is not restored without the kernel that made it
                 i for i, c in enumerate(notebook.cells)
                 if not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))
