@@ -868,7 +868,7 @@ class ReproduceConfig(Settings):
     out_dir: str = "results"
     """Parent folder of the results."""
     jobs: int = 2
-    """Runs in parallel (processes); each gets cpu_count // jobs threads."""
+    """Runs in parallel (processes); each gets $OMP_NUM_THREADS (else the cores) // jobs threads."""
     quick: bool = False
     """Smoke-test budget (a few steps, one seed): checks the pipeline, is not a result."""
     docs: bool = True
@@ -928,7 +928,7 @@ class StudyConfig(Settings):
     out_dir: str = "results"
     """Parent folder of the results."""
     jobs: int = 2
-    """Runs in parallel (processes); each gets cpu_count // jobs threads."""
+    """Runs in parallel (processes); each gets $OMP_NUM_THREADS (else the cores) // jobs threads."""
     quick: bool = False
     """Smoke-test budget (a few steps, one seed): checks the pipeline, is not a result."""
     docs: bool = True

@@ -8,7 +8,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# pytest-xdist runs each worker in its own process, and torch gives every process one thread per
+# core: with as many workers as cores, the workers' OpenMP threads outnumber the cores and spin
+# waiting for each other (a torch-bound test ran several times slower beside another worker than
+# alone). Each worker gets its share of the cores; the notebook kernels, JupyterLab and the
+# commands the tests start inherit it. Set OMP_NUM_THREADS yourself to override.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import torch  # noqa: E402 (after the thread count it reads)
 
 from agpo_lab.config import TrainConfig, load_config
 from agpo_lab.tasks.base import Problem
@@ -16,6 +26,15 @@ from agpo_lab.tasks.base import Problem
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests never open windows
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Commands run in-process (pretrain, warm start) set torch's thread count for the process:
+    put it back, so that one test does not change the threads of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @torch.inference_mode()
@@ -72,6 +91,7 @@ def shared_data_dir() -> Path:
     return SHARED_DATA
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False here")
     for item in items:

@@ -31,6 +31,19 @@ def test_plan_has_reference_and_every_method_seed_pair(tmp_path):
     assert all("run.steps=3" in j.overrides for j in quick if j.method != REFERENCE)
 
 
+def test_parallel_runs_share_the_thread_budget(monkeypatch):
+    import os
+
+    cfg = ReproduceConfig(jobs=2, quick=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert {job.threads for job in reproduce.plan_jobs(cfg)} == {3}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # never below one thread
+    assert {job.threads for job in reproduce.plan_jobs(cfg)} == {1}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = os.cpu_count() or 1
+    assert {job.threads for job in reproduce.plan_jobs(cfg)} == {max(1, cores // 2)}
+
+
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown; valid: grpo"):
         reproduce.plan_jobs(ReproduceConfig(methods=("ppo",)))

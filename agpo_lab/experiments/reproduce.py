@@ -67,6 +67,15 @@ class Job:
     threads: int
 
 
+def thread_budget() -> int:
+    """The threads this process may use: $OMP_NUM_THREADS when set (as torch reads it), else one
+    per core. The parallel runs share it, so that their threads never outnumber it."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
     """Every (method, seed) pair plus the reference evaluation of each seed, in a fixed order.
 
@@ -77,7 +86,7 @@ def plan_jobs(cfg: ReproduceConfig) -> list[Job]:
         raise ConfigError(f"methods={unknown}: unknown; valid: {', '.join(METHODS)}")
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     extra = (*(QUICK_OVERRIDES if cfg.quick else []), *cfg.overrides)
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    threads = max(1, thread_budget() // cfg.jobs)
     runs = Path(cfg.out_dir) / cfg.results_name / "runs"
     return [
         Job(m, s, runs / m / f"seed{s}", cfg.base_config, (*METHODS.get(m, []), *extra), threads)
