@@ -9,7 +9,8 @@ run instead), and each cell tagged `figure` must show its figure as an image, ne
 `<Figure size ...>`. A screenshot is kept in notebooks/_figures/browser/. Without Chromium the
 test is skipped with the reason; `.ci/run` installs it (`apt-get install chromium
 chromium-driver`, as root). No wait has a time limit: a slow machine is not a hung one; a wait
-fails when JupyterLab's process or the kernel dies.
+fails when JupyterLab's process or the kernel dies. The server, the browser and the waits are in
+tests/browser_session.py, which also times notebooks in the browser with their defaults.
 """
 
 from __future__ import annotations
