@@ -285,6 +285,22 @@ def time_in_browser(
     return {"notebook": path.stem, "seconds": seconds, "slowest": slowest[:3], "errors": errors}
 
 
+def runs_dirs(path: Path) -> list[str]:
+    """The parameters of notebook `path` that name a folder its training runs go to (*RUNS_DIR)."""
+    import ast
+
+    notebook = nbformat.read(path, as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [
+        target.id
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    ]
+    return [name for name in assigned if name.endswith("RUNS_DIR")]
+
+
 def main() -> None:
     """Time notebooks in JupyterLab in headless Chromium, as a person runs them (Run All)."""
     import argparse
@@ -309,7 +325,9 @@ def main() -> None:
         chromium() as browser,
     ):
         for path in args.notebooks:
-            result = time_in_browser(browser, url, token, path.resolve(), overrides)
+            # a training cell resumes or reuses the runs in its RUNS_DIR: time a first run
+            fresh = {name: str(Path(home) / "runs" / path.stem / name) for name in runs_dirs(path)}
+            result = time_in_browser(browser, url, token, path.resolve(), {**overrides, **fresh})
             minutes, seconds = divmod(round(result["seconds"]), 60)
             slowest = ", ".join(f"cell {i} {s:.1f} s" for s, i in result["slowest"])
             print(f"{path.name}: {minutes} min {seconds} s in the browser "

@@ -179,3 +179,14 @@ def test_runner_requires_a_parameters_cell():
     notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
     with pytest.raises(ValueError, match="parameters"):
         inject_parameters(notebook, SMALL_SETTINGS)
+
+
+def test_the_browser_timing_command_finds_the_run_folders_to_start_fresh():
+    # `python tests/browser_session.py` points these at empty folders: a training cell resumes or
+    # reuses the runs it finds, and the first run is what a user waits for
+    from tests.browser_session import runs_dirs
+
+    found = {path.stem: runs_dirs(path) for path in NOTEBOOKS}
+    assert found["02_training_grpo_vs_agpo"] == ["RUNS_DIR"]
+    assert found["05_real_models"] == ["SMOL_RUNS_DIR", "RUNS_DIR"]
+    assert found["01_zero_variance"] == []
