@@ -105,7 +105,7 @@ def jupyterlab(home: Path) -> Iterator[tuple[str, str]]:
     server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
+    def up() -> bool:  # one probe; a slow answer is only a failed probe, wait_for asks again
         try:
             with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as r:
                 return r.status == 200

@@ -11,11 +11,9 @@ import pytest
 
 # pytest-xdist runs each worker in its own process, and torch gives every process one thread per
 # core: with as many workers as cores, the workers' OpenMP threads outnumber the cores and spin
-# waiting for each other (a torch-bound test ran several times slower beside another worker than
-# alone). Each worker gets its share of the cores, for torch's threads and for torch.compile's
-# pool of compiler processes (one per core by default: the compile tests ran 1.5x slower beside
-# one busy core with it than without); the notebook kernels, JupyterLab and the commands the tests
-# start inherit it. Set OMP_NUM_THREADS or TORCHINDUCTOR_COMPILE_THREADS yourself to override.
+# waiting for each other (measured in docs/environment.md). Each worker gets its share of the
+# cores, for torch's threads and for torch.compile's pool of compiler processes (one per core by
+# default); the notebook kernels, JupyterLab and the commands the tests start inherit it. Set OMP_NUM_THREADS or TORCHINDUCTOR_COMPILE_THREADS yourself to override.
 if "PYTEST_XDIST_WORKER" in os.environ:
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     _share = str(max(1, (os.cpu_count() or 1) // _workers))
