@@ -221,6 +221,14 @@ def test_stability_table_by_hand(tmp_path):
     assert len(figure.axes) == 4  # two maps and their colour bars
 
 
+def test_a_stability_table_of_runs_too_short_for_volatility_says_nan(tmp_path):
+    _fake_arm(tmp_path / "lr", start=[0.6], finals={"grpo": [0.5]},
+              accuracy_curves={"grpo": [0.5, 0.7]})  # fmt: skip
+    table = stability.stability_table(stability.stability_runs({1e-3: tmp_path / "lr"}))
+    assert math.isnan(table.loc[0, "volatility"]) and table.loc[0, "pass@1"] == 0.5
+    assert "| grpo | 0.001 | 1/1 | 0.500 | -0.100 | n/a |" in stability.stability_markdown(table)
+
+
 def test_mechanism_table_by_hand(tmp_path):
     for seed, (accuracy, tokens) in enumerate([(0.0, 96.0), (0.2, 90.0)]):
         run = tmp_path / "weak" / "runs" / "agpo" / f"seed{seed}"
@@ -277,10 +285,14 @@ def test_study_arms(tmp_path):
     }
 
 
+QUICK = ["--quick", "--no-docs", "eval.n_problems=8"]
+"""`--quick` budgets, on fewer held-out problems: a smoke test of the pipeline, not a result."""
+
+
 @pytest.mark.slow
-def test_quick_studies_end_to_end(tmp_path):
-    common = ["--quick", "--out-dir", str(tmp_path), "--no-docs", "--methods", "grpo", "rl_zvp"]
-    assert main(["study", "stability", "--learning-rates", "1e-3", *common]) == 0
+def test_quick_stability_study_end_to_end(tmp_path):
+    args = ["--learning-rates", "1e-3", "--methods", "grpo", "rl_zvp", "--out-dir", str(tmp_path)]
+    assert main(["study", "stability", *args, *QUICK]) == 0
     root = tmp_path / "stability-quick"
     table = pd.read_csv(root / "summary.csv")
     assert list(zip(table["method"], table["lr"])) == [("grpo", 1e-3), ("rl_zvp", 1e-3)]
@@ -288,7 +300,12 @@ def test_quick_studies_end_to_end(tmp_path):
     assert {"lr", "method", "seed", "step", "reward/accuracy"} <= set(
         pd.read_csv(root / "curves.csv").columns
     )
-    assert main(["study", "regime", "--weak-steps", "5", *common[:-1]]) == 0  # grpo alone
+
+
+@pytest.mark.slow
+def test_quick_regime_study_end_to_end(tmp_path):
+    args = ["--weak-steps", "5", "--methods", "grpo", "--out-dir", str(tmp_path)]
+    assert main(["study", "regime", *args, *QUICK]) == 0
     root = tmp_path / "regime-quick"
     assert (root / "weak_model" / "config.json").is_file()
     summary = pd.read_csv(root / "summary.csv")

@@ -116,7 +116,8 @@ def stability_table(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.
             row = {"method": method, "lr": lr, "runs": len(group)}
             row["collapsed"] = int(group["collapsed"].sum())
             for key in ("pass@1", "mean_tokens", "volatility", "train_tokens"):
-                row[key], row[f"{key}_ci"] = mean_ci95(group[key].tolist())
+                values = group[key].dropna().tolist()  # volatility: NaN for runs under 3 steps
+                row[key], row[f"{key}_ci"] = mean_ci95(values) if values else (math.nan, math.nan)
             row["delta_pass@1"] = float((group["pass@1"] - group["start_pass@1"]).mean())
             for key in ("entropy_start", "entropy_end", "spike_frac", "no_grad_frac"):
                 row[key] = float(group[key].mean())
@@ -125,6 +126,8 @@ def stability_table(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.
 
 
 def _pm(mean: float, half: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
