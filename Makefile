@@ -69,9 +69,11 @@ smollm2-mechanism: models
 	  --docs-dir docs/results/smollm2 --seeds 0 1 --methods agpo agpo_plus_only agpo_token_mean \
 	  agpo_sum_norm agpo_mask_truncated run.steps=12 $(ARGS)
 
-# JupyterLab at the repository root (README and docs reachable), opened on the notebooks folder.
+# JupyterLab at the repository root (README and docs reachable), opened on the notebooks folder;
+# its kernels get agpo_lab.GOMP_SPINCOUNT (torch's threads on a busy machine: docs/environment.md).
 lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
+	GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-10000} \
+	  $(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

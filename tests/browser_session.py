@@ -30,6 +30,8 @@ from pathlib import Path
 
 import nbformat
 
+from agpo_lab import GOMP_SPINCOUNT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -97,7 +99,8 @@ def jupyterlab(home: Path) -> Iterator[tuple[str, str]]:
                "--LabApp.expose_app_in_browser=True"]  # fmt: skip
     if os.geteuid() == 0:
         command.append("--allow-root")
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"),
+    env = {"GOMP_SPINCOUNT": GOMP_SPINCOUNT, **os.environ,  # the kernels' threads, as make lab
+           "JUPYTER_CONFIG_DIR": str(home / "config"),
            "JUPYTER_RUNTIME_DIR": str(home / "runtime")}  # fmt: skip
     env.pop("MPLBACKEND", None)  # the kernel's own inline backend, as in a person's JupyterLab
     log_path = home / "lab.log"

@@ -20,6 +20,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", _share)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", _share)
 
+import agpo_lab  # noqa: E402, F401 (before torch: how its threads wait, agpo_lab.GOMP_SPINCOUNT)
+
+# isort: split
 import torch  # noqa: E402 (after the thread count it reads)
 
 from agpo_lab.config import TrainConfig, load_config

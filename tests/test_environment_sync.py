@@ -42,3 +42,31 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     assert "make test" in readme
     assert ci.strip().splitlines()[-1] == "exec make test"
+
+
+def test_agpo_lab_shortens_the_openmp_spin_before_torch_loads_and_keeps_a_users_value():
+    import os
+    import subprocess
+    import sys
+
+    import agpo_lab
+
+    show = "import agpo_lab, os, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    for given, expected in ((None, agpo_lab.GOMP_SPINCOUNT), ("123", "123")):
+        run_env = env if given is None else {**env, "GOMP_SPINCOUNT": given}
+        done = subprocess.run([sys.executable, "-c", show], env=run_env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert done.stdout.strip() == expected
+
+
+def test_make_lab_gives_the_notebook_kernels_the_same_spin():
+    import subprocess
+
+    import agpo_lab
+
+    dry_run = subprocess.run(["make", "-n", "lab"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert dry_run.returncode == 0, dry_run.stderr
+    command = dry_run.stdout.replace("\\\n", " ")  # the recipe's continued line as one
+    spin = f"GOMP_SPINCOUNT=${{GOMP_SPINCOUNT:-{agpo_lab.GOMP_SPINCOUNT}}}"
+    assert re.search(re.escape(spin) + r"\s+\S*jupyter lab ", command), command
