@@ -3,6 +3,7 @@ the time goes" section of benchmarks/README.md.
 
     python benchmarks/profile_step.py rollout [--model embedded] [--case forced|early] [--compile]
     python benchmarks/profile_step.py step [--beta 0.04] [--micro-batch-tokens 2048] [--compile]
+        [--model smollm2-135m-instruct --lora --bf16]
 
 `rollout` times `agpo_lab.rollout.generate` on the benchmark batch of bench_rollout.py (the same
 prompts, the same EOS handling per case), splits a rollout's wall time into the one-token forward,
@@ -113,16 +114,23 @@ def profile_train_step(args: argparse.Namespace) -> None:
     folder = resolve_model_path(args.model or "embedded")
     tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
+    if args.lora:  # the adapters bench_trainer.py --lora trains
+        from bench_trainer import lora_config
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config())
+    precision = "bfloat16" if args.bf16 else "model"
     config = TrainConfig.from_dict(
         {
             "task": {"name": "arithmetic", "seed": 0},
+            "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
-                        "compile_decode": args.compile},
+                        "compile_decode": args.compile, "precision": precision},
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
                           "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
             "optim": {"lr": 1e-5, "warmup_steps": 0,
                       "micro_batch_tokens": args.micro_batch_tokens or None,
-                      "compile_update": args.compile},
+                      "compile_update": args.compile, "precision": precision},
             "run": {"steps": 100, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu",
                     "out_dir": tempfile.mkdtemp(prefix="profile_step_")},
@@ -141,6 +149,7 @@ def profile_train_step(args: argparse.Namespace) -> None:
     print(
         f"RL step: {args.model or 'embedded'}, 8 prompts x G=8, 64 new tokens, beta {args.beta}, "
         f"micro_batch_tokens {args.micro_batch_tokens or None}, compiled {args.compile}, "
+        f"LoRA {args.lora}, rollout and update in {'bfloat16' if args.bf16 else 'float32'}, "
         f"{torch.get_num_threads()} threads"
     )
     print(f"mean step {wall:.3f} s over {steps} steps")
@@ -166,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="step: KL weight")
     parser.add_argument("--micro-batch-tokens", type=int, default=2048,
                         help="step: optim.micro_batch_tokens (0: one pass)")  # fmt: skip
+    parser.add_argument("--lora", action="store_true",
+                        help="step: train LoRA adapters (r=16, every linear layer), as --lora of "
+                        "bench_trainer.py")  # fmt: skip
+    parser.add_argument("--bf16", action="store_true",
+                        help="step: rollout.precision and optim.precision bfloat16")  # fmt: skip
     parser.add_argument("--rows", type=int, default=15, help="operators shown")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     args = parser.parse_args(argv)

@@ -128,7 +128,8 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
     script = REPO_ROOT / "benchmarks" / "profile_step.py"
     rollout = [sys.executable, str(script), "rollout", "--model", "random", "--batch", "2",
                "--max-new-tokens", "4", "--case", "early", "--rows", "3"]  # fmt: skip
-    for cmd in (rollout, [sys.executable, str(script), "step", "--rows", "3"]):
+    step = [sys.executable, str(script), "step", "--rows", "3", "--lora", "--bf16"]
+    for cmd in (rollout, step):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         parts = (
@@ -141,3 +142,4 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
                 done.stdout
             )
         assert "Self CPU time total" in done.stdout
+    assert "LoRA True, rollout and update in bfloat16" in done.stdout
