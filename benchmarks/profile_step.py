@@ -120,9 +120,11 @@ def profile_train_step(args: argparse.Namespace) -> None:
 
         model = get_peft_model(model, lora_config())
     precision = "bfloat16" if args.bf16 else "model"
+    # bench_trainer.py's prompts: in words with the chat template where the model has one
+    task = "word_arithmetic" if getattr(tokenizer, "chat_template", None) else "arithmetic"
     config = TrainConfig.from_dict(
         {
-            "task": {"name": "arithmetic", "seed": 0},
+            "task": {"name": task, "seed": 0},
             "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
             "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
                         "compile_decode": args.compile, "precision": precision},
@@ -147,7 +149,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
         trainer.train_step()
     wall = (time.perf_counter() - start) / steps
     print(
-        f"RL step: {args.model or 'embedded'}, 8 prompts x G=8, 64 new tokens, beta {args.beta}, "
+        f"RL step: {args.model or 'embedded'} on {task}, 8 prompts x G=8, 64 new tokens, "
+        f"beta {args.beta}, "
         f"micro_batch_tokens {args.micro_batch_tokens or None}, compiled {args.compile}, "
         f"LoRA {args.lora}, rollout and update in {'bfloat16' if args.bf16 else 'float32'}, "
         f"{torch.get_num_threads()} threads"
