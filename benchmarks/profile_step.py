@@ -113,7 +113,10 @@ def profile_train_step(args: argparse.Namespace) -> None:
 
     folder = resolve_model_path(args.model or "embedded")
     tokenizer = load_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    # --base-bf16: the weights in bfloat16 (model.dtype), peft keeps the adapters in float32
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16 if args.base_bf16 else torch.float32
+    )
     if args.lora:  # the adapters bench_trainer.py --lora trains
         from bench_trainer import lora_config
         from peft import get_peft_model
@@ -125,7 +128,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
     config = TrainConfig.from_dict(
         {
             "task": {"name": task, "seed": 0},
-            "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+            "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                      "dtype": "bfloat16" if args.base_bf16 else "float32"},
             "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
                         "compile_decode": args.compile, "precision": precision},
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
@@ -152,7 +156,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
         f"RL step: {args.model or 'embedded'} on {task}, 8 prompts x G=8, 64 new tokens, "
         f"beta {args.beta}, "
         f"micro_batch_tokens {args.micro_batch_tokens or None}, compiled {args.compile}, "
-        f"LoRA {args.lora}, rollout and update in {'bfloat16' if args.bf16 else 'float32'}, "
+        f"LoRA {args.lora}, weights in {'bfloat16' if args.base_bf16 else 'float32'}, "
+        f"rollout and update in {'bfloat16' if args.bf16 or args.base_bf16 else 'float32'}, "
         f"{torch.get_num_threads()} threads"
     )
     print(f"mean step {wall:.3f} s over {steps} steps")
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                         "bench_trainer.py")  # fmt: skip
     parser.add_argument("--bf16", action="store_true",
                         help="step: rollout.precision and optim.precision bfloat16")  # fmt: skip
+    parser.add_argument("--base-bf16", action="store_true",
+                        help="step: the model's weights in bfloat16 (model.dtype); with --lora "
+                        "the adapters stay float32, as peft keeps them")  # fmt: skip
     parser.add_argument("--rows", type=int, default=15, help="operators shown")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     args = parser.parse_args(argv)

@@ -142,4 +142,4 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
                 done.stdout
             )
         assert "Self CPU time total" in done.stdout
-    assert "LoRA True, rollout and update in bfloat16" in done.stdout
+    assert "LoRA True, weights in float32, rollout and update in bfloat16" in done.stdout
