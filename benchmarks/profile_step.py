@@ -115,7 +115,9 @@ def profile_train_step(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(folder)
     # --base-bf16: the weights in bfloat16 (model.dtype), peft keeps the adapters in float32
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16 if args.base_bf16 else torch.float32
+        folder,
+        dtype=torch.bfloat16 if args.base_bf16 else torch.float32,
+        attn_implementation=args.attn,
     )
     if args.lora:  # the adapters bench_trainer.py --lora trains
         from bench_trainer import lora_config
@@ -129,7 +131,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
         {
             "task": {"name": task, "seed": 0},
             "model": {"lora": args.lora, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-                      "dtype": "bfloat16" if args.base_bf16 else "float32"},
+                      "dtype": "bfloat16" if args.base_bf16 else "float32",
+                      "attn_implementation": args.attn},
             "rollout": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
                         "compile_decode": args.compile, "precision": precision},
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
@@ -148,7 +151,7 @@ def profile_train_step(args: argparse.Namespace) -> None:
     totals = {"rollout": 0.0, "update": 0.0}
     trainer._rollout = timed(totals, "rollout", trainer._rollout)
     trainer._update = timed(totals, "update", trainer._update)
-    steps, start = 4, time.perf_counter()
+    steps, start = args.steps, time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     wall = (time.perf_counter() - start) / steps
@@ -158,7 +161,7 @@ def profile_train_step(args: argparse.Namespace) -> None:
         f"micro_batch_tokens {args.micro_batch_tokens or None}, compiled {args.compile}, "
         f"LoRA {args.lora}, weights in {'bfloat16' if args.base_bf16 else 'float32'}, "
         f"rollout and update in {'bfloat16' if args.bf16 or args.base_bf16 else 'float32'}, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.attn} attention, {torch.get_num_threads()} threads"
     )
     print(f"mean step {wall:.3f} s over {steps} steps")
     for name, seconds in totals.items():
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-bf16", action="store_true",
                         help="step: the model's weights in bfloat16 (model.dtype); with --lora "
                         "the adapters stay float32, as peft keeps them")  # fmt: skip
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                        help="step: model.attn_implementation")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=4, help="step: timed steps (after 2 warm-up)")
     parser.add_argument("--rows", type=int, default=15, help="operators shown")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     args = parser.parse_args(argv)

@@ -128,7 +128,7 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
     script = REPO_ROOT / "benchmarks" / "profile_step.py"
     rollout = [sys.executable, str(script), "rollout", "--model", "random", "--batch", "2",
                "--max-new-tokens", "4", "--case", "early", "--rows", "3"]  # fmt: skip
-    step = [sys.executable, str(script), "step", "--rows", "3", "--lora", "--bf16"]
+    step = [sys.executable, str(script), "step", "--rows", "3", "--lora", "--bf16", "--steps", "1"]
     for cmd in (rollout, step):
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
