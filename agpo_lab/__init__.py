@@ -13,6 +13,7 @@ and every small operation waits for the scheduler: the embedded model's steps th
 times their fair share of the CPU. A shorter spin leaves the results unchanged (it only changes
 how threads wait) and costs little on an idle machine; docs/environment.md has the measurements.
 libgomp reads the variable once, when torch loads, so it applies where agpo_lab is imported before
-torch: the `agpo-lab` commands and the runs they start; `make lab` sets it for the notebook
-kernels. Set GOMP_SPINCOUNT yourself to choose another value."""
+torch: the `agpo-lab` commands and the runs they start, and the notebooks, whose imports start
+with agpo_lab (`make lab` also passes it to their kernels). Set GOMP_SPINCOUNT yourself to choose
+another value."""
 os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)

@@ -70,3 +70,19 @@ def test_make_lab_gives_the_notebook_kernels_the_same_spin():
     command = dry_run.stdout.replace("\\\n", " ")  # the recipe's continued line as one
     spin = f"GOMP_SPINCOUNT=${{GOMP_SPINCOUNT:-{agpo_lab.GOMP_SPINCOUNT}}}"
     assert re.search(re.escape(spin) + r"\s+\S*jupyter lab ", command), command
+
+
+def test_notebooks_import_agpo_lab_before_torch_so_the_spin_applies_in_any_jupyter():
+    import json
+
+    for path in sorted((REPO_ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        imports = [
+            line.split()[1].split(".")[0]
+            for cell in json.loads(path.read_text())["cells"]
+            if cell["cell_type"] == "code"
+            for line in "".join(cell["source"]).splitlines()
+            if line.startswith(("import ", "from "))
+        ]
+        heavy = [i for i, name in enumerate(imports) if name in ("torch", "transformers", "peft")]
+        if heavy:
+            assert "agpo_lab" in imports[: heavy[0]], f"{path.name}: import agpo_lab before torch"
