@@ -69,6 +69,29 @@ def test_notebook_runs_headless_and_draws_each_figure(path):
 
 @pytest.mark.notebook
 @pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_an_exported_html_shows_each_figure_as_an_image(path):
+    """What `jupyter nbconvert --to html` makes of the executed notebook: every figure a cell
+    shows itself is an <img>, none is the text `<Figure size ...>`. (Figures inside widgets, an
+    `interact` or the live view, reach an HTML export only with the widget state saved, as for
+    any ipywidgets notebook.)"""
+    from nbconvert import HTMLExporter
+
+    executed, _ = executed_notebook(path)
+    html, _ = HTMLExporter().from_notebook_node(executed)
+    images = [
+        (i, o["data"]["image/png"])
+        for i in expected_figure_cells(executed)
+        for o in executed.cells[i].get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    for i, png in images:
+        assert f'src="data:image/png;base64,{png}' in html, f"{path.name}: cell {i} in the HTML"
+    assert "&lt;Figure size" not in html, f"{path.name}: a figure exported as text"
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
 def test_from_scratch_notebook_agrees_with_the_library():
     executed, _ = executed_notebook(NOTEBOOK_DIR / "04_from_scratch.ipynb")
     cell = next(c for c in executed.cells if "agreement" in c.metadata.get("tags", []))
