@@ -143,3 +143,14 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
             )
         assert "Self CPU time total" in done.stdout
     assert "LoRA True, weights in float32, rollout and update in bfloat16" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_thread_wait_prints_each_setting_against_the_default():
+    script = REPO_ROOT / "benchmarks" / "bench_thread_wait.py"
+    cmd = [sys.executable, str(script), "--steps", "1", "--per-level", "1",
+           "--settings", "default", "spin 10000"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^default\s+\d+\s+[\d.]+\s+[\d.]+\s+1\.00x, 1\.00x$", done.stdout, re.M)
+    assert re.search(r"^spin 10000\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+x, [\d.]+x$", done.stdout, re.M)

@@ -221,7 +221,7 @@ def test_stability_table_by_hand(tmp_path):
     assert len(figure.axes) == 4  # two maps and their colour bars
 
 
-def test_a_stability_table_of_runs_too_short_for_volatility_says_nan(tmp_path):
+def test_a_stability_table_of_runs_too_short_for_volatility_says_n_a(tmp_path):
     _fake_arm(tmp_path / "lr", start=[0.6], finals={"grpo": [0.5]},
               accuracy_curves={"grpo": [0.5, 0.7]})  # fmt: skip
     table = stability.stability_table(stability.stability_runs({1e-3: tmp_path / "lr"}))
