@@ -166,7 +166,8 @@ def profile_train_step(args: argparse.Namespace) -> None:
     print(f"mean step {wall:.3f} s over {steps} steps")
     for name, seconds in totals.items():
         print(f"  {name:<8} {seconds / steps:.3f} s  {100 * seconds / steps / wall:5.1f}%")
-    print(operator_table(trainer.train_step, args.rows))
+    if args.rows > 0:
+        print(operator_table(trainer.train_step, args.rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                         help="step: model.attn_implementation")  # fmt: skip
     parser.add_argument("--steps", type=int, default=4, help="step: timed steps (after 2 warm-up)")
-    parser.add_argument("--rows", type=int, default=15, help="operators shown")
+    parser.add_argument(
+        "--rows", type=int, default=15, help="operators shown (0: time the steps, no profile)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     args = parser.parse_args(argv)
     if args.threads > 0:

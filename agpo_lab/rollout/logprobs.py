@@ -28,9 +28,10 @@ from agpo_lab.rollout.inputs import (
 )
 from agpo_lab.rollout.kv_cache import cache_kwarg
 from agpo_lab.rollout.packing import packed_inputs, packed_shape
+from agpo_lab.rollout.token_logprobs import token_logprobs
 
 LOGPROB_CHUNK_ELEMENTS = 2**24
-"""Float32 logits (rows x tokens x vocabulary) turned into log-probs at once in the loss forward."""
+"""Float32 logits (rows x tokens x vocabulary) turned into entropies at once."""
 
 
 def can_share_prompts(model: torch.nn.Module) -> bool:
@@ -198,8 +199,8 @@ def completion_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, C] of `completion_ids` after the prompts, in one forward pass.
 
-    log p_t = log softmax(logits_{t-1} / T)[token_t], 0 where completion_mask is 0; temperature 0
-    is read as 1 (greedy rollouts). With `return_entropy`, also the entropy [B, C] of that same
+    log p_t = log softmax(logits_{t-1} / T)[token_t] (fused: `token_logprobs`), 0 where
+    completion_mask is 0; temperature 0 is read as 1 (greedy rollouts). With `return_entropy`, also the entropy [B, C] of that same
     distribution, -sum_v p_v log p_v, without gradients (a metric; keeping its graph would hold
     one more fp32 [C, V] tensor per row). Log-prob gradients flow unless under no_grad. Matches
     `Rollout.logprobs` (to ~1e-5 in fp32) when the model is in eval mode, as during the rollout.
@@ -228,29 +229,31 @@ def completion_logprobs(
         else:
             input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
             attention_mask = torch.cat([prompt_mask.long(), (completion_mask > 0).long()], dim=1)
-            # Only the logits that predict completion tokens (the last prompt position onwards).
+            # Only the logits that predict completion tokens (positions P - 1 .. P + C - 2), as
+            # one contiguous tensor that the fused log-prob reads in place.
+            prompt_width = prompt_ids.shape[1]
+            keep = torch.arange(prompt_width - 1, prompt_width + width - 1, device=input_ids.device)
             logits = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask),
                 use_cache=False,
-                logits_to_keep=width + 1,
-            ).logits[:, :-1]
-    logprob_rows, entropy_rows = [], []
-    # Rows in chunks of at most LOGPROB_CHUNK_ELEMENTS float32 logits: a tiny vocabulary takes
-    # the whole batch in one op, a 150k vocabulary one row at a time (a bounded float32 copy).
-    rows_per_chunk = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
-    for chunk_logits, chunk_tokens in zip(
-        logits.split(rows_per_chunk), completion_ids.split(rows_per_chunk), strict=True
-    ):
-        logp = F.log_softmax(chunk_logits.float() / temperature, dim=-1)
-        logprob_rows.append(logp.gather(-1, chunk_tokens[..., None]).squeeze(-1))
-        if return_entropy:  # a logged metric: without a graph it keeps no [C, V] tensor alive
-            with torch.no_grad():
-                detached = logp.detach()
-                entropy_rows.append(-(detached.exp() * detached).sum(-1))
+                logits_to_keep=keep,
+            ).logits
     mask = completion_mask.float()
-    logprobs = torch.cat(logprob_rows) * mask
-    if return_entropy:
-        return logprobs, torch.cat(entropy_rows) * mask
+    logprobs = token_logprobs(logits, completion_ids, temperature) * mask
+    if return_entropy:  # a logged metric: without a graph it keeps no [C, V] tensor alive
+        return logprobs, completion_entropy(logits.detach(), temperature) * mask
     return logprobs
+
+
+@torch.no_grad()
+def completion_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy [B, C] of softmax(logits / T), -sum_v p_v log p_v, in row chunks of at most
+    LOGPROB_CHUNK_ELEMENTS float32 values (no gradient: a metric)."""
+    rows_per_chunk = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    entropy_rows = []
+    for chunk in logits.split(rows_per_chunk):
+        logp = F.log_softmax(chunk.float() / temperature, dim=-1)
+        entropy_rows.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(entropy_rows)

@@ -64,6 +64,7 @@ from agpo_lab.training.checkpoints import (
 )
 from agpo_lab.training.distributed import Processes
 from agpo_lab.training.interrupts import StopRequest
+from agpo_lab.training.lowered_weights import LoweredFrozenWeights
 from agpo_lab.training.metrics import (
     RatioGuard,
     UpdateStats,
@@ -196,6 +197,7 @@ class Trainer:
         # bfloat16 autocast of the update's passes (optim.precision), and whether the rollout's
         # log-probs come from another computation than the update's (then corrected for).
         self._update_dtype = lower_dtype(self.policy, o.precision)
+        self._lowered_weights = LoweredFrozenWeights(self._update_dtype)  # cast once, not per pass
         rollout_lowered = lower_dtype(self.policy, cfg.rollout.precision) is not None
         self._sampler_differs = rollout_lowered or self._update_dtype is not None
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
@@ -404,7 +406,13 @@ class Trainer:
     # ---- the update ------------------------------------------------------------------------
 
     def _update(self, batch: RowBatch) -> dict[str, Any]:
-        """mu epochs of mini-batch AdamW steps on the clipped surrogate (+ beta * KL)."""
+        """mu epochs of mini-batch AdamW steps on the clipped surrogate (+ beta * KL), with the
+        frozen weights in the update's precision (optim.precision) for all of its passes."""
+        reference = None if self.reference is None else self.reference.model
+        with self._lowered_weights.applied(self.policy, reference):
+            return self._update_passes(batch)
+
+    def _update_passes(self, batch: RowBatch) -> dict[str, Any]:
         a, o, T = self.cfg.algorithm, self.cfg.optim, self.cfg.rollout.temperature
         procs, state = self.processes, self.state
         rows = batch.advantages.numel()

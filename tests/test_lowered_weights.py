@@ -1,0 +1,129 @@
+"""Tests of agpo_lab.training.lowered_weights: frozen weights cast once give bitwise what autocast's
+cast in every pass gives, and the float32 weights come back after the block."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from agpo_lab.rollout.logprobs import completion_logprobs
+from agpo_lab.rollout.precision import autocast_to
+from agpo_lab.training import lowered_weights
+from agpo_lab.training.lowered_weights import LoweredFrozenWeights, frozen_linear_tensors
+from agpo_lab.training.trainer import Trainer
+from tests.conftest import ParityTask, comparable, make_config
+
+
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    )
+    for name, p in peft_model.named_parameters():  # B starts at 0: give the adapters an effect
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return peft_model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    prompt_ids = torch.randint(3, 40, (4, 6), generator=g)
+    prompt_mask = torch.ones(4, 6, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    completion_ids = torch.randint(3, 40, (4, 5), generator=g)
+    completion_mask = torch.ones(4, 5)
+    completion_mask[1, 3:] = 0
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_frozen_linear_tensors_are_the_frozen_base_layers_not_the_adapters_or_a_tied_head(
+    tiny_qwen2,
+):
+    model = _lora(tiny_qwen2)
+    found = {id(p) for p in frozen_linear_tensors(model)}
+    names = [n for n, p in model.named_parameters() if id(p) in found]
+    assert names and all("base_layer" in n for n in names)  # weights and q/k/v biases
+    assert any(n.endswith("bias") for n in names)
+    embed = model.get_input_embeddings().weight
+    assert id(embed) not in found and not any("lora_" in n for n in names)
+
+
+def test_passes_with_the_cast_once_weights_equal_autocast_bitwise_forward_and_backward(tiny_qwen2):
+    model = _lora(tiny_qwen2).train()
+    inputs = _inputs()
+    frozen = frozen_linear_tensors(model)
+    originals = [p.data for p in frozen]
+
+    def logprobs_and_grads():
+        model.zero_grad(set_to_none=True)
+        with autocast_to("cpu", torch.bfloat16):
+            logps = completion_logprobs(model, *inputs, share_prompts=True)
+        logps.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return logps.detach(), grads
+
+    plain, plain_grads = logprobs_and_grads()
+    lowered = LoweredFrozenWeights(torch.bfloat16)
+    for _ in range(2):  # the second block reuses the copies
+        with lowered.applied(model, model):  # the reference may be the same network
+            assert all(p.dtype == torch.bfloat16 for p in frozen)
+            # the tied head gets its own bfloat16 weight; the embedding keeps the float32 one
+            assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+            assert model.get_input_embeddings().weight.dtype == torch.float32
+            ours, ours_grads = logprobs_and_grads()
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert torch.equal(ours, plain)
+        assert all(torch.equal(a, b) for a, b in zip(ours_grads, plain_grads, strict=True))
+        # the very float32 tensors are back
+        back = zip(frozen, originals, strict=True)
+        assert all(p.dtype == torch.float32 and p.data_ptr() == o.data_ptr() for p, o in back)
+    assert len(lowered._copies) == len(frozen) + 1  # the tied head once
+
+
+def test_a_weight_changed_in_place_is_cast_again_and_an_error_restores_the_weights(tiny_qwen2):
+    model = _lora(tiny_qwen2)
+    lowered = LoweredFrozenWeights(torch.bfloat16)
+    weight = frozen_linear_tensors(model)[0]
+    with lowered.applied(model):
+        first = weight.data.clone()
+    with torch.no_grad():
+        weight.add_(1.0)  # what loading a checkpoint into the frozen weights does
+    changed = weight.data
+    with pytest.raises(RuntimeError, match="inside"), lowered.applied(model):
+        assert torch.equal(weight.data, changed.to(torch.bfloat16))
+        assert not torch.equal(weight.data, first)
+        raise RuntimeError("inside")
+    assert weight.dtype == torch.float32 and weight.data_ptr() == changed.data_ptr()
+    with LoweredFrozenWeights(None).applied(model):  # the update in the weights' own precision
+        assert weight.dtype == torch.float32
+
+
+def test_a_bfloat16_lora_run_gives_the_same_metrics_with_and_without_the_cast_once_weights(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    overrides = ["model.lora=true", "optim.precision=bfloat16", "algorithm.beta=0.04"]
+
+    def run(name: str) -> list[dict]:
+        cfg = make_config(tiny_model_dir, tmp_path / name, *overrides)
+        trainer = Trainer(cfg, task=ParityTask())
+        try:
+            return comparable([trainer.train_step() for _ in range(2)])
+        finally:
+            trainer.close()
+
+    with_copies = run("copies")
+    calls = []
+    original = lowered_weights.LoweredFrozenWeights._copy
+    monkeypatch.setattr(
+        lowered_weights.LoweredFrozenWeights,
+        "_copy",
+        lambda self, p: calls.append(1) or original(self, p),
+    )
+    assert run("copies_counted") == with_copies and calls  # the copies were in use
+    monkeypatch.setattr(
+        lowered_weights.LoweredFrozenWeights, "applied", lambda self, *models: nullcontext()
+    )
+    assert run("autocast_only") == with_copies
