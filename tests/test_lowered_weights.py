@@ -127,3 +127,29 @@ def test_a_bfloat16_lora_run_gives_the_same_metrics_with_and_without_the_cast_on
         lowered_weights.LoweredFrozenWeights, "applied", lambda self, *models: nullcontext()
     )
     assert run("autocast_only") == with_copies
+
+
+def test_a_full_fine_tuning_reference_keeps_only_its_bfloat16_weights_and_the_metrics_stay(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    overrides = ["optim.precision=bfloat16", "algorithm.beta=0.04"]
+
+    def run(name: str) -> tuple[list[dict], Trainer]:
+        trainer = Trainer(
+            make_config(tiny_model_dir, tmp_path / name, *overrides), task=ParityTask()
+        )
+        try:
+            return comparable([trainer.train_step() for _ in range(2)]), trainer
+        finally:
+            trainer.close()
+
+    lowered, trainer = run("lowered")
+    reference = trainer.reference.model
+    linear = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)  # the head too
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    monkeypatch.setattr(lowered_weights.LoweredFrozenWeights, "lower_for_good", lambda s, m: None)
+    kept, trainer = run("float32_kept")
+    assert trainer.reference.model.get_output_embeddings().weight.dtype == torch.float32
+    assert kept == lowered

@@ -14,7 +14,7 @@ from agpo_lab.algorithms.sampler_correction import mismatch_metrics, sampler_wei
 from agpo_lab.config import RolloutConfig
 from agpo_lab.rollout import completion_logprobs, generate
 from agpo_lab.rollout.fast_decode import CannotLower, FastDecoder
-from agpo_lab.rollout.precision import lower_dtype
+from agpo_lab.rollout.precision import autocast_to, lower_dtype
 from agpo_lab.training.trainer import Trainer
 from tests.conftest import ParityTask, decode_both_ways, make_config
 from tests.test_fast_decode import ARCHS, _lora_model, _model, _prompts
@@ -99,6 +99,19 @@ def test_lower_dtype():
     assert lower_dtype(model, "model") is None
     assert lower_dtype(model, "bfloat16") is torch.bfloat16
     assert lower_dtype(model.to(torch.bfloat16), "bfloat16") is None
+
+
+def test_the_cpu_bfloat16_context_can_be_entered_again_and_runs_math_attention():
+    lowered = autocast_to("cpu", torch.bfloat16)
+    for _ in range(2):  # the trainer enters one context for every pass
+        with lowered:
+            assert torch.is_autocast_enabled("cpu")
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+            assert not torch.backends.cuda.flash_sdp_enabled()  # the flags CPU SDPA reads too
+            assert torch.backends.cuda.math_sdp_enabled()
+        assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.flash_sdp_enabled()
+    with autocast_to("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

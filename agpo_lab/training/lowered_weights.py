@@ -76,6 +76,19 @@ class LoweredFrozenWeights:
             self._copies[id(p)] = cached
         return cached[2]
 
+    def lower_for_good(self, model: torch.nn.Module) -> None:
+        """Replace `model`'s frozen float32 Linear weights by their lower-precision copies for
+        good, and give a frozen tied head its own copy: for a network only ever run in the lower
+        precision (the full-fine-tuning KL reference), whose float32 weights are then not kept."""
+        if self.dtype is None:
+            return
+        for p in frozen_linear_tensors(model):
+            p.data = p.data.to(self.dtype)
+        head = _frozen_tied_head(model)
+        if head is not None:
+            low = head.weight.detach().to(self.dtype)
+            head._parameters["weight"] = torch.nn.Parameter(low, requires_grad=False)
+
     @contextmanager
     def applied(self, *models: torch.nn.Module | None) -> Iterator[None]:
         swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []

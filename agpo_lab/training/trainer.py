@@ -198,6 +198,8 @@ class Trainer:
         # log-probs come from another computation than the update's (then corrected for).
         self._update_dtype = lower_dtype(self.policy, o.precision)
         self._lowered_weights = LoweredFrozenWeights(self._update_dtype)  # cast once, not per pass
+        if self.reference is not None and not cfg.model.lora:  # a frozen copy, run only lowered
+            self._lowered_weights.lower_for_good(self.reference.model)
         rollout_lowered = lower_dtype(self.policy, cfg.rollout.precision) is not None
         self._sampler_differs = rollout_lowered or self._update_dtype is not None
         seed = cfg.run.seed  # prompt order is shared by all processes, sampling is per process
