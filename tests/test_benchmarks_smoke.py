@@ -154,3 +154,12 @@ def test_bench_thread_wait_prints_each_setting_against_the_default():
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^default\s+\d+\s+[\d.]+\s+[\d.]+\s+1\.00x, 1\.00x$", done.stdout, re.M)
     assert re.search(r"^spin 10000\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+x, [\d.]+x$", done.stdout, re.M)
+
+
+def test_bench_update_kernels_prints_each_piece_against_its_alternative():
+    script = REPO_ROOT / "benchmarks" / "bench_update_kernels.py"
+    cmd = [sys.executable, str(script), "--vocab", "300", "--tokens", "8", "--repeats", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ratios = re.findall(r"^(.+?)\s+[\d.]+ ms /\s+[\d.]+ ms = [\d.]+x$", done.stdout, re.M)
+    assert len(ratios) == 6 and any("fused" in r for r in ratios), done.stdout
