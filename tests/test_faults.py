@@ -182,7 +182,15 @@ def test_sigterm_saves_marks_interrupted_and_resumes_exactly(run_config, tmp_pat
     assert (run / "checkpoints" / f"step_{state['step']:06d}.safetensors").is_file()
     done = agpo_lab("train", str(run), "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_intact(run, logs(tmp_path / "whole"))
+    metrics, samples = logs(tmp_path / "whole")
+    # A signal that lands in a step's evaluation drops that evaluation (Trainer's
+    # _evaluate_unless_stopped: stop within seconds, keep the step); the rest is exact.
+    dropped = re.search(r"stopped the evaluation after step (\d+)", err)
+    if dropped:
+        step = metrics[int(dropped.group(1)) - 1]
+        for key in [k for k in step if k.startswith("eval/")]:
+            del step[key]
+    assert_intact(run, (metrics, samples))
 
 
 # ---- torn, stale and corrupted files (in-process) --------------------------------------------

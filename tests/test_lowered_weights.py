@@ -67,9 +67,11 @@ def test_passes_with_the_cast_once_weights_equal_autocast_bitwise_forward_and_ba
 
     plain, plain_grads = logprobs_and_grads()
     lowered = LoweredFrozenWeights(torch.bfloat16)
+    copies = []
     for _ in range(2):  # the second block reuses the copies
         with lowered.applied(model, model):  # the reference may be the same network
             assert all(p.dtype == torch.bfloat16 for p in frozen)
+            copies.append([p.data_ptr() for p in frozen])
             # the tied head gets its own bfloat16 weight; the embedding keeps the float32 one
             assert model.get_output_embeddings().weight.dtype == torch.bfloat16
             assert model.get_input_embeddings().weight.dtype == torch.float32
@@ -80,7 +82,7 @@ def test_passes_with_the_cast_once_weights_equal_autocast_bitwise_forward_and_ba
         # the very float32 tensors are back
         back = zip(frozen, originals, strict=True)
         assert all(p.dtype == torch.float32 and p.data_ptr() == o.data_ptr() for p, o in back)
-    assert len(lowered._copies) == len(frozen) + 1  # the tied head once
+    assert copies[0] == copies[1] and len(lowered._copies) == len(frozen) + 1  # + the tied head
 
 
 def test_a_weight_changed_in_place_is_cast_again_and_an_error_restores_the_weights(tiny_qwen2):
