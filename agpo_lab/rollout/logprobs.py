@@ -200,9 +200,10 @@ def completion_logprobs(
     """Per-token log-probs [B, C] of `completion_ids` after the prompts, in one forward pass.
 
     log p_t = log softmax(logits_{t-1} / T)[token_t] (fused: `token_logprobs`), 0 where
-    completion_mask is 0; temperature 0 is read as 1 (greedy rollouts). With `return_entropy`, also the entropy [B, C] of that same
-    distribution, -sum_v p_v log p_v, without gradients (a metric; keeping its graph would hold
-    one more fp32 [C, V] tensor per row). Log-prob gradients flow unless under no_grad. Matches
+    completion_mask is 0; temperature 0 is read as 1 (greedy rollouts). With `return_entropy`,
+    also the entropy [B, C] of that same distribution, -sum_v p_v log p_v, without gradients (a
+    metric; keeping its graph would hold one more fp32 [C, V] tensor per row). Log-prob gradients
+    flow unless under no_grad. Matches
     `Rollout.logprobs` (to ~1e-5 in fp32) when the model is in eval mode, as during the rollout.
     `share_prompts`: rows with the same prompt may share its forward (`shared_prompt_logits`),
     `pack_rows`: rows may be packed without padding (`packed_logits`), where the model allows it

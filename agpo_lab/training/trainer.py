@@ -415,6 +415,7 @@ class Trainer:
             return self._update_passes(batch)
 
     def _update_passes(self, batch: RowBatch) -> dict[str, Any]:
+        """The update itself: its plan, the reference's log-probs, then each step's passes."""
         a, o, T = self.cfg.algorithm, self.cfg.optim, self.cfg.rollout.temperature
         procs, state = self.processes, self.state
         rows = batch.advantages.numel()
