@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test lint format models warmstart reproduce reproduce-quick reproduce-smollm2 \
-	reproduce-smollm2-weak smollm2-mechanism mechanism lab clean-venv
+	reproduce-smollm2-bf16 reproduce-smollm2-weak smollm2-mechanism mechanism lab clean-venv
 
 setup: $(STAMP)
 
@@ -50,6 +50,14 @@ reproduce-smollm2: warmstart
 	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/warm_compare.yaml \
 	  --methods grpo agpo agpo_mask length_only --seeds 0 1 2 --name smollm2-warm \
 	  --docs-dir docs/results/smollm2/warm $(ARGS)
+
+# Whether bfloat16 sampling and update (the sampler corrected by truncated importance sampling)
+# change the warm-start comparison's results: GRPO and AGPO each in float32 and in bfloat16, 3 seeds
+# (docs/real_model.md; resumable).
+reproduce-smollm2-bf16: warmstart
+	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/warm_compare.yaml \
+	  --methods grpo agpo grpo_bf16 agpo_bf16 --seeds 0 1 2 --name smollm2-warm-bf16 \
+	  --docs-dir docs/results/smollm2/warm_bf16 $(ARGS)
 
 # The same comparison from the untrained (weak) SmolLM2, where AGPO collapses.
 reproduce-smollm2-weak: models

@@ -16,7 +16,9 @@ row (the prompts' prefill, then p = 1 per decode step):
 Where it keeps the operator count per token low (the decode of a small model is bound by it):
 - the KV cache is `kv_cache.DecodeCache`, written in place, and attention for one query is two
   batched products, q K^T with the mask added in the same call and p V (grouped-query heads share
-  their key/value head without a copy): on CPU a fraction of SDPA's cost for a single query;
+  their key/value head without a copy): on CPU a fraction of SDPA's cost for a single query; in
+  bfloat16 on a CPU the steps attend over the cache's whole (zeroed) capacity with the unfilled
+  columns masked, because the batched product would copy the filled part first;
 - q/k/v and gate/up are fused into one matrix product each, with the RMSNorm weights folded into
   their columns: g * x / sqrt(mean(x^2) + eps) = (g sqrt(D)) * x / sqrt(sum(x^2) + D eps), so
   W diag(g sqrt(D)) is stored and a norm is four small operators (`_unit_scale`), where the
@@ -215,6 +217,12 @@ class FastDecoder:
         lowered = dtype is not None and dtype != own_dtype
         self.dtype = dtype if lowered else own_dtype
         """What the rollout computes in: the weights' own dtype, or the lower one asked for."""
+        on_cpu = attn.o_proj.weight.device.type == "cpu"
+        self.whole_cache = on_cpu and self.dtype in (torch.bfloat16, torch.float16)
+        """Decode steps attend over the cache's whole capacity, the unfilled columns masked: on a
+        CPU, a bfloat16 batched product first copies an operand whose batches are not packed
+        (the filled part of a preallocated cache is such a view), and that copy costs more than
+        the masked columns. float32 products take the view as it is."""
         lora = any(_is_lora(p) for layer in layers for p in _projections(layer))
         size = _weight_bytes(layers)
         worth = size <= MERGE_MAX_BYTES if lora or lowered else size <= FUSE_MAX_BYTES
@@ -241,14 +249,14 @@ class FastDecoder:
         room for `extra_tokens` more). prompt_ids, prompt_mask, positions: [b, P], left-padded."""
         (b, p), dtype, device = prompt_ids.shape, self.rotate_sign.dtype, prompt_ids.device
         cache = DecodeCache(len(self.fused), b, self.kv_heads, p + extra_tokens, self.head_dim,
-                            dtype=dtype, device=device)  # fmt: skip
+                            dtype=dtype, device=device, zeroed=self.whole_cache)  # fmt: skip
         # A query sees the real keys up to its own position; a padding query sees only itself
         # (its output is never used, but a row of -inf scores would turn into NaN).
         causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
         itself = torch.eye(p, dtype=torch.bool, device=device)
         seen = causal & prompt_mask[:, None, :].bool() | itself
         bias = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, -torch.inf)
-        logits = _forward(self, cache, prompt_ids, positions, bias)
+        logits = _forward(self, cache, prompt_ids, positions, bias, 0)
         cache.length = p
         return logits, cache
 
@@ -267,19 +275,23 @@ def _decode_step(
 ) -> Tensor:
     """`FastDecoder.step` without its bookkeeping (no Python state changes: it may be compiled)."""
     bias = torch.zeros(mask.shape, dtype=dec.rotate_sign.dtype, device=mask.device)
-    bias = bias.masked_fill(mask == 0, -torch.inf)[:, None, :]  # [b, 1 query, keys]
-    return _forward(dec, cache, tokens[:, None], positions[:, None], bias)
+    bias = bias.masked_fill(mask == 0, -torch.inf)
+    if dec.whole_cache:  # the columns not filled yet are masked too
+        bias = F.pad(bias, (0, cache.capacity - mask.shape[1]), value=-torch.inf)
+    bias = bias[:, None, :]  # [b, 1 query, keys]
+    return _forward(dec, cache, tokens[:, None], positions[:, None], bias, mask.shape[1] - 1)
 
 
 def _forward(
-    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, bias: Tensor
-) -> Tensor:
+    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, bias: Tensor,
+    start: int,
+) -> Tensor:  # fmt: skip
     """Logits [b, V] at the last of p new tokens per row, whose keys and values are written to the
-    cache at columns [L - p, L). tokens, positions: [b, p]; bias: [b, p, L] additive attention mask
-    (0 = attend, -inf = not) over the cache's first L columns."""
+    cache at columns [start, start + p). tokens, positions: [b, p]; bias: [b, p, L] additive
+    attention mask (0 = attend, -inf = not) over the cache's first L >= start + p columns."""
     (b, p), length, d = tokens.shape, bias.shape[-1], dec.head_dim
     heads, kv_heads = dec.heads, dec.kv_heads
-    group, start = heads // kv_heads, length - p
+    group = heads // kv_heads
     x = dec.decoder.embed_tokens(tokens).view(b * p, -1).to(dec.dtype)
     cos, sin = dec.decoder.rotary_emb(x, positions)  # [b, p, d]
     cos, sin = cos[:, None], (sin * dec.rotate_sign)[:, None]  # broadcast over heads
