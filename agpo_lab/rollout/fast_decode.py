@@ -16,13 +16,14 @@ row (the prompts' prefill, then p = 1 per decode step):
 Where it keeps the operator count per token low (the decode of a small model is bound by it):
 - the KV cache is `kv_cache.DecodeCache`, written in place, and attention for one query is two
   batched products, q K^T with the mask added in the same call and p V (grouped-query heads share
-  their key/value head without a copy): on CPU a fraction of SDPA's cost for a single query; in
-  bfloat16 on a CPU the steps attend over the cache's whole (zeroed) capacity with the unfilled
-  columns masked, because the batched product would copy the filled part first;
+  their key/value head without a copy): on CPU in float32 a fraction of SDPA's cost for a single
+  query; in bfloat16 the products would copy the cache first, and SDPA's fused kernel costs less;
 - q/k/v and gate/up are fused into one matrix product each, with the RMSNorm weights folded into
   their columns: g * x / sqrt(mean(x^2) + eps) = (g sqrt(D)) * x / sqrt(sum(x^2) + D eps), so
   W diag(g sqrt(D)) is stored and a norm is four small operators (`_unit_scale`), where the
   RMSNorm module and `F.rms_norm` take several more (dtype casts, a mean, copies);
+- in bfloat16 on a CPU the products read weights packed once per rollout for oneDNN
+  (`packed_weights`), where `F.linear` would lay each weight out again in every call;
 - residual additions ride on the products (`addmm`), and rotate-half is one `roll` against a
   sign-folded sine: rotate_half(x) * sin = roll(x, d/2) * [-sin1, sin2].
 Fused copies are made once per rollout for small plain models (FUSE_MAX_BYTES); LoRA models get
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agpo_lab.rollout.kv_cache import DecodeCache
+from agpo_lab.rollout.packed_weights import linear, linear_add, pack
 
 FAMILY = ("llama", "qwen2", "qwen3", "mistral")
 FUSE_MAX_BYTES = 64 * 2**20
@@ -146,15 +148,15 @@ class FusedLayer(NamedTuple):
     qkv_bias: Tensor | None
     input_eps: float
     """D * the input norm's eps (see `_norm_parts`)."""
-    o_weight_t: Tensor
-    """[heads * head_dim, hidden]: o_proj's weight, transposed (a view), for addmm."""
+    o_weight: Tensor
+    """[hidden, heads * head_dim]: o_proj's weight."""
     o_bias: Tensor | None
     gate_up_weight: Tensor
     """[2 * intermediate, hidden], post-attention norm's weight folded into the columns."""
     post_eps: float
     """D * the post-attention norm's eps."""
-    down_weight_t: Tensor
-    """[intermediate, hidden]: down_proj's weight, transposed (a view), for addmm."""
+    down_weight: Tensor
+    """[hidden, intermediate]: down_proj's weight."""
 
 
 def fuse_layer(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> FusedLayer | None:
@@ -174,12 +176,20 @@ def fuse_layer(layer: torch.nn.Module, dtype: torch.dtype | None = None) -> Fuse
         qkv_weight=cast(torch.cat([q[0], k[0], v[0]]) * g_in),
         qkv_bias=cast(None if q[1] is None else torch.cat([q[1], k[1], v[1]])),
         input_eps=eps_in,
-        o_weight_t=cast(o[0]).t(),
+        o_weight=cast(o[0]),
         o_bias=cast(o[1]),
         gate_up_weight=cast(torch.cat([gate[0], up[0]]) * g_post),
         post_eps=eps_post,
-        down_weight_t=cast(down[0]).t(),
+        down_weight=cast(down[0]),
     )
+
+
+def _packed(fused: FusedLayer | None) -> FusedLayer | None:
+    """The layer's weights packed for oneDNN (`packed_weights.pack`)."""
+    if fused is None:
+        return None
+    names = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+    return fused._replace(**{name: pack(getattr(fused, name)) for name in names})
 
 
 class CannotLower(ValueError):
@@ -218,11 +228,10 @@ class FastDecoder:
         self.dtype = dtype if lowered else own_dtype
         """What the rollout computes in: the weights' own dtype, or the lower one asked for."""
         on_cpu = attn.o_proj.weight.device.type == "cpu"
-        self.whole_cache = on_cpu and self.dtype in (torch.bfloat16, torch.float16)
-        """Decode steps attend over the cache's whole capacity, the unfilled columns masked: on a
-        CPU, a bfloat16 batched product first copies an operand whose batches are not packed
-        (the filled part of a preallocated cache is such a view), and that copy costs more than
-        the masked columns. float32 products take the view as it is."""
+        self.fused_attention = on_cpu and self.dtype in (torch.bfloat16, torch.float16)
+        """Attention through SDPA's fused kernel, which reads the cache's views as they are: on a
+        CPU in bfloat16 the two batched products would first copy the filled part of the cache.
+        In float32 the products take the views, and cost less than SDPA for one query."""
         lora = any(_is_lora(p) for layer in layers for p in _projections(layer))
         size = _weight_bytes(layers)
         worth = size <= MERGE_MAX_BYTES if lora or lowered else size <= FUSE_MAX_BYTES
@@ -238,6 +247,13 @@ class FastDecoder:
             self.head = ((head.weight * norm[0]).to(self.dtype), norm[1], bias)
         if lowered and (None in self.fused or self.head is None):
             raise CannotLower(f"a layer, norm or LM head of this model cannot be copied to {dtype}")
+        if not compile and self.dtype is torch.bfloat16:
+            # On a CPU the products read weights laid out once for oneDNN (`pack` leaves other
+            # devices' alone; these copies are made per rollout anyway). torch.compile gets the
+            # plain ones, which its graphs can take.
+            self.fused = [_packed(f) for f in self.fused]
+            if self.head is not None:
+                self.head = (pack(self.head[0]), *self.head[1:])
         half = attn.o_proj.weight.new_ones(self.head_dim // 2, dtype=self.dtype)
         self.rotate_sign = torch.cat([-half, half])
         """[-1, ..., 1, ...]: rotate_half(x) * sin == roll(x, d / 2) * (sin * rotate_sign)."""
@@ -249,14 +265,14 @@ class FastDecoder:
         room for `extra_tokens` more). prompt_ids, prompt_mask, positions: [b, P], left-padded."""
         (b, p), dtype, device = prompt_ids.shape, self.rotate_sign.dtype, prompt_ids.device
         cache = DecodeCache(len(self.fused), b, self.kv_heads, p + extra_tokens, self.head_dim,
-                            dtype=dtype, device=device, zeroed=self.whole_cache)  # fmt: skip
+                            dtype=dtype, device=device)  # fmt: skip
         # A query sees the real keys up to its own position; a padding query sees only itself
         # (its output is never used, but a row of -inf scores would turn into NaN).
         causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
         itself = torch.eye(p, dtype=torch.bool, device=device)
         seen = causal & prompt_mask[:, None, :].bool() | itself
         bias = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, -torch.inf)
-        logits = _forward(self, cache, prompt_ids, positions, bias, 0)
+        logits = _forward(self, cache, prompt_ids, positions, bias)
         cache.length = p
         return logits, cache
 
@@ -275,35 +291,54 @@ def _decode_step(
 ) -> Tensor:
     """`FastDecoder.step` without its bookkeeping (no Python state changes: it may be compiled)."""
     bias = torch.zeros(mask.shape, dtype=dec.rotate_sign.dtype, device=mask.device)
-    bias = bias.masked_fill(mask == 0, -torch.inf)
-    if dec.whole_cache:  # the columns not filled yet are masked too
-        bias = F.pad(bias, (0, cache.capacity - mask.shape[1]), value=-torch.inf)
-    bias = bias[:, None, :]  # [b, 1 query, keys]
-    return _forward(dec, cache, tokens[:, None], positions[:, None], bias, mask.shape[1] - 1)
+    bias = bias.masked_fill(mask == 0, -torch.inf)[:, None, :]  # [b, 1 query, keys]
+    return _forward(dec, cache, tokens[:, None], positions[:, None], bias)
+
+
+def _attend(dec: FastDecoder, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q K^T * scale + bias) V for every head, as [b * p, heads * d]. q: [b, heads, p, d];
+    keys, values: [b, kv_heads, L, d], views of the cache (a group of heads shares a key/value
+    head); bias: as `_forward` lays it out for `dec.fused_attention`."""
+    b, heads, p, d = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    if dec.fused_attention:
+        attended = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=bias, scale=dec.scaling, enable_gqa=kv_heads != heads
+        )  # [b, heads, p, d]
+        return attended.transpose(1, 2).reshape(b * p, heads * d)
+    q = q.reshape(b * kv_heads, heads // kv_heads * p, d)  # a group's heads share a kv head
+    keys, values = (t.reshape(-1, length, d) for t in (keys, values))
+    scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=dec.scaling)
+    # softmax in float32 whatever the compute dtype, as the attention backends do
+    probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+    attended = torch.bmm(probs, values)  # [b * kv_heads, group * p, d]
+    return attended.view(b, heads, p, d).transpose(1, 2).reshape(b * p, heads * d)
 
 
 def _forward(
-    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, bias: Tensor,
-    start: int,
-) -> Tensor:  # fmt: skip
+    dec: FastDecoder, cache: DecodeCache, tokens: Tensor, positions: Tensor, bias: Tensor
+) -> Tensor:
     """Logits [b, V] at the last of p new tokens per row, whose keys and values are written to the
-    cache at columns [start, start + p). tokens, positions: [b, p]; bias: [b, p, L] additive
-    attention mask (0 = attend, -inf = not) over the cache's first L >= start + p columns."""
+    cache at columns [L - p, L). tokens, positions: [b, p]; bias: [b, p, L] additive attention mask
+    (0 = attend, -inf = not) over the cache's first L columns."""
     (b, p), length, d = tokens.shape, bias.shape[-1], dec.head_dim
     heads, kv_heads = dec.heads, dec.kv_heads
-    group = heads // kv_heads
+    group, start = heads // kv_heads, length - p
     x = dec.decoder.embed_tokens(tokens).view(b * p, -1).to(dec.dtype)
     cos, sin = dec.decoder.rotary_emb(x, positions)  # [b, p, d]
     cos, sin = cos[:, None], (sin * dec.rotate_sign)[:, None]  # broadcast over heads
-    # The mask laid out as the scores: [b * kv_heads, group * p queries, length keys].
-    bias = bias[:, None, None].expand(b, kv_heads, group, p, length).reshape(-1, group * p, length)
+    if dec.fused_attention:  # [b, 1 (every head), p, length]
+        bias = bias[:, None]
+    else:  # laid out as the scores: [b * kv_heads, group * p queries, length keys]
+        bias = bias[:, None, None].expand(b, kv_heads, group, p, length)
+        bias = bias.reshape(-1, group * p, length)
     for i, (layer, fused) in enumerate(zip(dec.decoder.layers, dec.fused)):
         a = layer.self_attn
         if fused is None:
             h = layer.input_layernorm(x)
             qk, v = torch.cat([a.q_proj(h), a.k_proj(h)], dim=-1), a.v_proj(h)
         else:
-            qkv = F.linear(_unit_scale(x, fused.input_eps), fused.qkv_weight, fused.qkv_bias)
+            qkv = linear(_unit_scale(x, fused.input_eps), fused.qkv_weight, fused.qkv_bias)
             qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], -1)
         qk = qk.reshape(b, p, heads + kv_heads, d).transpose(1, 2)  # [b, heads, p, d]
         if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
@@ -312,24 +347,17 @@ def _forward(
         keys, values = cache.keys[i], cache.values[i]
         keys.narrow(2, start, p).copy_(qk[:, heads:])
         values.narrow(2, start, p).copy_(v.reshape(b, p, kv_heads, d).transpose(1, 2))
-        q = qk[:, :heads].reshape(b * kv_heads, group * p, d)  # a group's heads share a kv head
-        keys, values = (t[:, :, :length].reshape(-1, length, d) for t in (keys, values))
-        scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=dec.scaling)
-        # softmax in float32 whatever the compute dtype, as the attention backends do
-        probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
-        attended = torch.bmm(probs, values)  # [b * kv_heads, group * p, d]
-        attended = attended.view(b, heads, p, d).transpose(1, 2).reshape(b * p, heads * d)
+        keys, values = keys[:, :, :length], values[:, :, :length]
+        attended = _attend(dec, qk[:, :heads], keys, values, bias)
         if fused is None:
             x = x + a.o_proj(attended)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             continue
-        x = torch.addmm(x, attended, fused.o_weight_t)
-        if fused.o_bias is not None:
-            x = x + fused.o_bias
-        gate, up = F.linear(_unit_scale(x, fused.post_eps), fused.gate_up_weight).chunk(2, dim=-1)
-        x = torch.addmm(x, F.silu(gate) * up, fused.down_weight_t)
+        x = linear_add(x, attended, fused.o_weight, fused.o_bias)
+        gate, up = linear(_unit_scale(x, fused.post_eps), fused.gate_up_weight).chunk(2, dim=-1)
+        x = linear_add(x, F.silu(gate) * up, fused.down_weight)
     x = x.view(b, p, -1)[:, -1]
     if dec.head is None:
         return dec.lm_head(dec.decoder.norm(x))
     weight, sum_eps, bias = dec.head
-    return F.linear(_unit_scale(x, sum_eps), weight, bias)
+    return linear(_unit_scale(x, sum_eps), weight, bias)

@@ -72,10 +72,7 @@ class DecodeCache:
 
     The decoder writes new keys and values at position `length` of each layer's buffers and reads
     the filled part as views, with none of the transformers cache layers' per-call bookkeeping;
-    `batch_select_indices` keeps the listed rows, copying only the filled part. `zeroed`: the
-    unfilled part holds zeros instead of whatever the memory held, so that a decoder may attend
-    over the whole capacity with the unfilled columns masked (a masked score of a garbage key
-    could be NaN, and NaN * 0 stays NaN in the weighted sum of values).
+    `batch_select_indices` keeps the listed rows, copying only the filled part.
     """
 
     def __init__(
@@ -87,24 +84,15 @@ class DecodeCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        zeroed: bool = False,
     ) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
-        self.zeroed = zeroed
-        make = torch.zeros if zeroed else torch.empty
-        self.keys = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        """Positions each row has room for (prompt and new tokens)."""
-        return self.keys[0].shape[2]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                make = old.new_zeros if self.zeroed else old.new_empty
-                new = make(len(indices), *old.shape[1:])
+                new = old.new_empty(len(indices), *old.shape[1:])
                 new[:, :, : self.length] = old[:, :, : self.length].index_select(0, indices)
                 store[i] = new
