@@ -373,6 +373,14 @@ class OptimizerConfig(Settings):
     keep them). Several times faster matrix products on CPUs with AMX or AVX512-BF16 and on GPUs,
     log-probs rounded to bfloat16 logits; a rollout in another precision is corrected for
     (`algorithm.sampler_correction`)."""
+    lowered_activations: bool = False
+    """With `precision` bfloat16: carry the activations in bfloat16 too (the input embedding's
+    output, so the residual stream, and frozen norm weights), as FSDP's mixed precision with
+    param_dtype=bfloat16 (verl's default) computes, instead of autocast's float32 residual stream
+    (the HF Trainer's bf16=True). Fewer casts and half the bytes per elementwise operator
+    (benchmarks/README.md has the measured gain); the update's log-probs then round as the
+    bfloat16 rollout's do. Weights, gradients and AdamW's state stay float32. Off by default:
+    its accuracy against the default is not yet measured on the comparison."""
     compile_update: bool = False
     """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.
@@ -403,6 +411,11 @@ class OptimizerConfig(Settings):
         check("mini_batch_size", mini is None or mini >= 1, "must be >= 1 or null")
         check("grad_accumulation", self.grad_accumulation >= 1, "must be >= 1")
         check("micro_batch_tokens", tokens is None or tokens >= 1, "must be >= 1 or null")
+        check(
+            "lowered_activations",
+            not self.lowered_activations or self.precision != "model",
+            "needs optim.precision=bfloat16 (activations are lowered only with the products)",
+        )
 
 
 @dataclass

@@ -110,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bfloat16 autocast; float32 weights, gradients and AdamW state)",
     )
     p.add_argument(
+        "--update-bf16-activations",
+        action="store_true",
+        help="ours, with --update-bf16: optim.lowered_activations=true (the residual stream and "
+        "frozen norms in bfloat16 too, as FSDP's param_dtype=bfloat16)",
+    )
+    p.add_argument(
         "--trl-bf16",
         action="store_true",
         help="TRL: bf16=True (its training passes under bfloat16 autocast), the like-for-like "
@@ -130,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_new_tokens = 8
     if min(args.steps, args.rounds, args.prompts) < 1 or args.warmup < 0 or args.group_size < 2:
         p.error("need --steps, --rounds, --prompts >= 1, --warmup >= 0, --group-size >= 2")
+    if args.update_bf16_activations and not args.update_bf16:
+        p.error("--update-bf16-activations needs --update-bf16")
     return args
 
 
@@ -362,7 +370,8 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
                       "mini_batch_size": None, "grad_accumulation": 1,
                       "micro_batch_tokens": args.micro_batch_tokens,
                       "compile_update": args.compile_update, "pack_rows": args.pack_rows,
-                      "precision": "bfloat16" if args.update_bf16 else "model"},
+                      "precision": "bfloat16" if args.update_bf16 else "model",
+                      "lowered_activations": args.update_bf16_activations},
             "run": {"steps": args.warmup + args.steps, "prompts_per_step": args.prompts,
                     "seed": 0, "out_dir": str(out_dir), "name": Path(args.result).stem, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu"},
@@ -540,6 +549,8 @@ def precision_text(args: argparse.Namespace) -> str:
     ours = [part for part, low in (("rollout", args.rollout_bf16), ("update", args.update_bf16))
             if low]  # fmt: skip
     ours_text = f"ours bf16 {' + '.join(ours)}" if ours else "ours float32"
+    if args.update_bf16_activations:
+        ours_text += " (bf16 activations)"
     return f"{ours_text}, TRL {'bf16=True' if args.trl_bf16 else 'float32'}"
 
 
@@ -581,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
             *([] if args.pack_rows else ["--no-pack-rows"]),
             *(["--rollout-bf16"] if args.rollout_bf16 else []),
             *(["--update-bf16"] if args.update_bf16 else []),
+            *(["--update-bf16-activations"] if args.update_bf16_activations else []),
             *(["--trl-bf16"] if args.trl_bf16 else []),
         ]  # fmt: skip
         results: dict[str, list[dict]] = {"ours": [], "trl": []}

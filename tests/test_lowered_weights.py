@@ -3,16 +3,22 @@ cast in every pass gives, and the float32 weights come back after the block."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from agpo_lab.errors import ConfigError
 from agpo_lab.rollout.logprobs import completion_logprobs
 from agpo_lab.rollout.precision import autocast_to
 from agpo_lab.training import lowered_weights
-from agpo_lab.training.lowered_weights import LoweredFrozenWeights, frozen_linear_tensors
+from agpo_lab.training.lowered_weights import (
+    LoweredFrozenWeights,
+    frozen_linear_tensors,
+    frozen_norm_tensors,
+)
 from agpo_lab.training.trainer import Trainer
 from tests.conftest import ParityTask, comparable, make_config
 
@@ -155,3 +161,71 @@ def test_a_full_fine_tuning_reference_keeps_only_its_bfloat16_weights_and_the_me
     kept, trainer = run("float32_kept")
     assert trainer.reference.model.get_output_embeddings().weight.dtype == torch.float32
     assert kept == lowered
+
+
+def test_lowered_activations_carry_the_residual_stream_in_bfloat16_then_restore_everything(
+    tiny_qwen2,
+):
+    model = _lora(tiny_qwen2).train()
+    inputs = _inputs()
+    norms = frozen_norm_tensors(model)
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    layer_inputs: list[torch.dtype] = []
+    first_layer = model.get_base_model().model.layers[0]
+    hook = first_layer.register_forward_pre_hook(
+        lambda module, args, kwargs: layer_inputs.append(
+            kwargs.get("hidden_states", *args[:1]).dtype
+        ),
+        with_kwargs=True,
+    )
+
+    def logprobs(lowered: LoweredFrozenWeights) -> torch.Tensor:
+        with lowered.applied(model), autocast_to("cpu", torch.bfloat16):
+            return completion_logprobs(model, *inputs, share_prompts=True).detach()
+
+    autocast_only = logprobs(LoweredFrozenWeights(torch.bfloat16))
+    assert layer_inputs[-1] == torch.float32  # autocast: the residual stream stays float32
+    lowered = LoweredFrozenWeights(torch.bfloat16, activations=True)
+    with lowered.applied(model):
+        assert all(p.dtype == torch.bfloat16 for p in norms)
+    both = logprobs(lowered)
+    assert layer_inputs[-1] == torch.bfloat16
+    hook.remove()
+    # after the block: float32 norms, and the embedding's output is float32 again (hook removed)
+    assert all(p.dtype == torch.float32 for p in norms)
+    assert model.get_input_embeddings()(inputs[0]).dtype == torch.float32
+    # another rounding of the same network: close to autocast's log-probs, not the same bits
+    assert not torch.equal(both, autocast_only)
+    torch.testing.assert_close(both, autocast_only, atol=0.1, rtol=0.0)
+
+
+def test_a_bfloat16_lora_run_with_lowered_activations_starts_at_kl_zero_and_repeats_exactly(
+    tiny_model_dir, tmp_path
+):
+    overrides = [
+        "model.lora=true", "optim.precision=bfloat16", "optim.lowered_activations=true",
+        "algorithm.beta=0.04",
+    ]  # fmt: skip
+
+    def run(name: str, *extra: str) -> list[dict]:
+        cfg = make_config(tiny_model_dir, tmp_path / name, *overrides, *extra)
+        trainer = Trainer(cfg, task=ParityTask())
+        try:
+            return comparable([trainer.train_step() for _ in range(2)])
+        finally:
+            trainer.close()
+
+    first = run("a")
+    assert run("autocast_only", "optim.lowered_activations=false") != first  # it is in use
+    # LoRA's B starts at 0, so the policy is its reference at step 1, and both sides of the KL
+    # are computed the same way: exactly 0, as without lowered activations
+    assert first[0]["loss/kl_mean"] == 0.0 and first[1]["loss/kl_mean"] != 0.0
+    assert all(math.isfinite(v) for row in first for v in row.values() if isinstance(v, float))
+    assert run("b") == first
+
+
+def test_lowered_activations_need_a_lowered_precision(tiny_model_dir, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"optim\.lowered_activations=True: needs optim\.precision=bfloat16"
+    ):
+        make_config(tiny_model_dir, tmp_path, "optim.lowered_activations=true")

@@ -97,5 +97,19 @@ METHODS: dict[str, list[str]] = {
         "algorithm.length_reward=agpo",
         *BFLOAT16,
     ],
+    # ... and with the update's activations in bfloat16 too (optim.lowered_activations: the
+    # residual stream as FSDP's param_dtype=bfloat16 computes it, not autocast's float32 one).
+    "grpo_bf16act": [
+        "algorithm.estimator=grpo",
+        "algorithm.length_reward=none",
+        *BFLOAT16,
+        "optim.lowered_activations=true",
+    ],
+    "agpo_bf16act": [
+        "algorithm.estimator=agpo",
+        "algorithm.length_reward=agpo",
+        *BFLOAT16,
+        "optim.lowered_activations=true",
+    ],
 }
 """Each method is a set of config overrides on the shared base config (same budget, same seeds)."""

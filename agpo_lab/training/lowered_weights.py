@@ -16,6 +16,13 @@ bfloat16 parameter instead, and the shared one back after the block.
 peft's LoRA layers also cast their input to the adapters' float32 before autocast casts it back to
 bfloat16; for an input already in bfloat16 that round trip is lossless, so it is switched off
 inside the block too (`peft.helpers.disable_input_dtype_casting`).
+
+With `activations` (optim.lowered_activations) the block also carries the activations in the lower
+dtype: the input embedding's output is cast (so the residual stream stays bfloat16: a bfloat16
+layer output added to a bfloat16 residual) and frozen norm weights get their copies too (an RMSNorm
+returns weight * x, float32 with a float32 weight). That is FSDP's mixed precision with
+param_dtype=bfloat16 rather than autocast's float32 residual stream: different rounding, not
+bitwise the same as without it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,29 @@ def frozen_linear_tensors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(found.values())
 
 
+def frozen_norm_tensors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The frozen float32 parameters of `model`'s modules that are neither Linear nor Embedding
+    layers (its norms' weights, in a Llama-family model), each once."""
+    found: dict[int, torch.nn.Parameter] = {}
+    skip = (torch.nn.Linear, torch.nn.Embedding)
+    for module in model.modules():
+        if isinstance(module, skip):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32:
+                found[id(p)] = p
+    return list(found.values())
+
+
+def _lower_output(dtype: torch.dtype):
+    """A forward hook casting a module's floating output to `dtype`."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype) if output.is_floating_point() else output
+
+    return hook
+
+
 def _frozen_tied_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's LM head when it is a Linear whose frozen float32 weight is its input
     embedding's, else None."""
@@ -64,8 +94,9 @@ class LoweredFrozenWeights:
     weight it used. A weight changed in place (a loaded checkpoint) is cast again.
     """
 
-    def __init__(self, dtype: torch.dtype | None):
+    def __init__(self, dtype: torch.dtype | None, activations: bool = False):
         self.dtype = dtype  # None: the update runs in the weights' own precision, nothing to swap
+        self.activations = activations  # also the residual stream and frozen norms (see module)
         self._copies: dict[int, tuple[int, int, torch.Tensor]] = {}
 
     def _copy(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -101,7 +132,13 @@ class LoweredFrozenWeights:
                         from peft.helpers import disable_input_dtype_casting
 
                         stack.enter_context(disable_input_dtype_casting(model))
-                    for p in frozen_linear_tensors(model):
+                    lowered = frozen_linear_tensors(model)
+                    if self.activations:
+                        lowered += frozen_norm_tensors(model)
+                        embed = model.get_input_embeddings()
+                        handle = embed.register_forward_hook(_lower_output(self.dtype))
+                        stack.callback(handle.remove)
+                    for p in lowered:
                         low = self._copy(p)
                         swapped.append((p, p.data))
                         p.data = low

@@ -197,7 +197,8 @@ class Trainer:
         # bfloat16 autocast of the update's passes (optim.precision), and whether the rollout's
         # log-probs come from another computation than the update's (then corrected for).
         self._update_dtype = lower_dtype(self.policy, o.precision)
-        self._lowered_weights = LoweredFrozenWeights(self._update_dtype)  # cast once, not per pass
+        # cast once, not per pass (and with lowered_activations, the residual stream in bfloat16)
+        self._lowered_weights = LoweredFrozenWeights(self._update_dtype, o.lowered_activations)
         if self.reference is not None and not cfg.model.lora:  # a frozen copy, run only lowered
             self._lowered_weights.lower_for_good(self.reference.model)
         rollout_lowered = lower_dtype(self.policy, cfg.rollout.precision) is not None
