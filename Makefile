@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test lint format models warmstart reproduce reproduce-quick reproduce-smollm2 \
-	reproduce-smollm2-bf16 reproduce-smollm2-weak smollm2-mechanism mechanism lab clean-venv
+	reproduce-smollm2-bf16 reproduce-smollm2-bf16act reproduce-smollm2-weak smollm2-mechanism mechanism lab clean-venv
 
 setup: $(STAMP)
 
@@ -58,6 +58,12 @@ reproduce-smollm2-bf16: warmstart
 	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/warm_compare.yaml \
 	  --methods grpo agpo grpo_bf16 agpo_bf16 --seeds 0 1 2 --name smollm2-warm-bf16 \
 	  --docs-dir docs/results/smollm2/warm_bf16 $(ARGS)
+
+# ... and the bfloat16 arms with the update's activations in bfloat16 too (optim.lowered_activations).
+reproduce-smollm2-bf16act: warmstart
+	$(VENV)/bin/agpo-lab reproduce --base-config configs/smollm2/warm_compare.yaml \
+	  --methods grpo_bf16act agpo_bf16act --seeds 0 1 2 --name smollm2-warm-bf16act \
+	  --docs-dir docs/results/smollm2/warm_bf16act $(ARGS)
 
 # The same comparison from the untrained (weak) SmolLM2, where AGPO collapses.
 reproduce-smollm2-weak: models

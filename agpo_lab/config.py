@@ -378,9 +378,9 @@ class OptimizerConfig(Settings):
     output, so the residual stream, and frozen norm weights), as FSDP's mixed precision with
     param_dtype=bfloat16 (verl's default) computes, instead of autocast's float32 residual stream
     (the HF Trainer's bf16=True). Fewer casts and half the bytes per elementwise operator
-    (benchmarks/README.md has the measured gain); the update's log-probs then round as the
-    bfloat16 rollout's do. Weights, gradients and AdamW's state stay float32. Off by default:
-    its accuracy against the default is not yet measured on the comparison."""
+    (benchmarks/README.md has the measured gain). Weights, gradients and AdamW's state stay
+    float32. Off by default: on the warm-start comparison (docs/real_model.md) it was not shown
+    to keep the accuracy of autocast's bfloat16."""
     compile_update: bool = False
     """`torch.compile` the policy's forward (and so its backward) in the update: fused kernels after
     a one-off compile (benchmarks/README.md has the measured gain and cost); for long runs.

@@ -3,14 +3,17 @@ the time goes" section of benchmarks/README.md.
 
     python benchmarks/profile_step.py rollout [--model embedded] [--case forced|early] [--compile]
     python benchmarks/profile_step.py step [--beta 0.04] [--micro-batch-tokens 2048] [--compile]
-        [--model smollm2-135m-instruct --lora --bf16]
+        [--model smollm2-135m-instruct --lora --bf16 [--bf16-activations]]
+    python benchmarks/profile_step.py update [the step options] [--steps 4]
 
 `rollout` times `agpo_lab.rollout.generate` on the benchmark batch of bench_rollout.py (the same
 prompts, the same EOS handling per case), splits a rollout's wall time into the one-token forward,
 the sampling and the KV-cache row selection, and prints torch.profiler's operator table. `step`
 does the same for one RL step of the trainer (bench_trainer.py's set-up on the embedded model):
-rollout and update seconds, then the operator table of one step. A profile, not a benchmark:
-nothing is compared, and the profiler itself adds overhead to every operator.
+rollout and update seconds, then the operator table of one step. `update` times the update alone,
+repeated on one rollout's batch with lr 0 (the same passes every time), the measure to compare two
+settings of the update by, run one after the other. A profile, not a benchmark: nothing is
+compared, and the profiler itself adds overhead to every operator.
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def profile_rollout(args: argparse.Namespace) -> None:
     print(operator_table(lambda: rollout(2), args.rows))
 
 
-def profile_train_step(args: argparse.Namespace) -> None:
+def build_trainer(args: argparse.Namespace, lr: float = 1e-5):
+    """(trainer, task name) of `step` and `update`: 8 prompts x G=8 on --model."""
     from transformers import AutoModelForCausalLM
 
     from agpo_lab.config import TrainConfig
@@ -137,15 +141,20 @@ def profile_train_step(args: argparse.Namespace) -> None:
                         "compile_decode": args.compile, "precision": precision},
             "algorithm": {"estimator": "grpo", "zero_variance": "keep", "length_reward": "none",
                           "beta": args.beta, "aggregation": "seq_mean_token_mean", "mu": 1},
-            "optim": {"lr": 1e-5, "warmup_steps": 0,
+            "optim": {"lr": lr, "warmup_steps": 0,
                       "micro_batch_tokens": args.micro_batch_tokens or None,
-                      "compile_update": args.compile, "precision": precision},
+                      "compile_update": args.compile, "precision": precision,
+                      "lowered_activations": args.bf16_activations},
             "run": {"steps": 100, "prompts_per_step": 8, "seed": 0, "eval_every": 0,
                     "save_every": 0, "log_samples_every": 0, "device": "cpu",
                     "out_dir": tempfile.mkdtemp(prefix="profile_step_")},
         }
     )  # fmt: skip
-    trainer = Trainer(config, model=model, tokenizer=tokenizer)
+    return Trainer(config, model=model, tokenizer=tokenizer), task
+
+
+def profile_train_step(args: argparse.Namespace) -> None:
+    trainer, task = build_trainer(args)
     for _ in range(3 if args.compile else 2):  # warm-up (and the compiles)
         trainer.train_step()
     totals = {"rollout": 0.0, "update": 0.0}
@@ -170,9 +179,36 @@ def profile_train_step(args: argparse.Namespace) -> None:
         print(operator_table(trainer.train_step, args.rows))
 
 
+def profile_update(args: argparse.Namespace) -> None:
+    """The update alone, timed again and again on one rollout's batch: with lr 0 the weights never
+    move, so every repeat computes the same passes (a rollout's varying lengths out of the way)."""
+    import copy
+
+    trainer, task = build_trainer(args, lr=0.0)
+    G, prompts = trainer.cfg.rollout.group_size, trainer.cfg.run.prompts_per_step
+    batch, _ = trainer._rollout(trainer.problems[:prompts])
+    seconds, metrics = [], {}
+    for _ in range(1 + args.steps):  # the first repeat warms up
+        start = time.perf_counter()
+        metrics = trainer._update(copy.deepcopy(batch))
+        seconds.append(time.perf_counter() - start)
+    print(
+        f"update: {args.model or 'embedded'} on {task}, {prompts} prompts x G={G}, "
+        f"beta {args.beta}, micro_batch_tokens {args.micro_batch_tokens or None}, LoRA {args.lora}, "
+        f"{'bfloat16' if args.bf16 else 'float32'}"
+        f"{' (bfloat16 activations)' if args.bf16_activations else ''}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"update tokens {metrics['perf/update_tokens']:.0f} "
+          f"({metrics['perf/update_padded_tokens']:.0f} with padding)")  # fmt: skip
+    print("seconds per update: " + ", ".join(f"{t:.2f}" for t in seconds) + " (first: warm-up)")
+    timed = sorted(seconds[1:])
+    print(f"median {timed[len(timed) // 2]:.3f} s, min {timed[0]:.3f} s over {len(timed)} repeats")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["rollout", "step"])
+    parser.add_argument("what", choices=["rollout", "step", "update"])
     parser.add_argument("--model", default="embedded",
                         help="embedded, random (rollout only), a fetched model's name or a folder")  # fmt: skip
     parser.add_argument("--batch", type=int, default=64, help="rollout: rows")
@@ -192,12 +228,15 @@ def main(argv: list[str] | None = None) -> None:
                         "bench_trainer.py")  # fmt: skip
     parser.add_argument("--bf16", action="store_true",
                         help="step: rollout.precision and optim.precision bfloat16")  # fmt: skip
+    parser.add_argument("--bf16-activations", action="store_true",
+                        help="step, update: with --bf16, optim.lowered_activations=true")  # fmt: skip
     parser.add_argument("--base-bf16", action="store_true",
                         help="step: the model's weights in bfloat16 (model.dtype); with --lora "
                         "the adapters stay float32, as peft keeps them")  # fmt: skip
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                         help="step: model.attn_implementation")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=4, help="step: timed steps (after 2 warm-up)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="step: timed steps (after 2 warm-up); update: timed repeats (after 1)")  # fmt: skip
     parser.add_argument(
         "--rows", type=int, default=15, help="operators shown (0: time the steps, no profile)"
     )
@@ -207,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.model == "random":
         args.model = None
-    (profile_rollout if args.what == "rollout" else profile_train_step)(args)
+    if args.bf16_activations and not args.bf16:
+        parser.error("--bf16-activations needs --bf16")
+    run = {"rollout": profile_rollout, "step": profile_train_step, "update": profile_update}
+    run[args.what](args)
 
 
 if __name__ == "__main__":

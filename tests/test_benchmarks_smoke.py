@@ -146,6 +146,25 @@ def test_profile_script_splits_a_rollout_and_a_step_and_prints_the_operators():
 
 
 @pytest.mark.slow
+def test_profile_script_repeats_the_update_on_one_batch():
+    script = REPO_ROOT / "benchmarks" / "profile_step.py"
+    cmd = [sys.executable, str(script), "update", "--lora", "--bf16", "--bf16-activations",
+           "--steps", "2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(bfloat16 activations)" in done.stdout
+    seconds = re.search(r"^seconds per update: (.+) \(first: warm-up\)$", done.stdout, re.MULTILINE)
+    assert seconds and len(seconds.group(1).split(", ")) == 3, done.stdout
+    tokens = re.search(r"^update tokens (\d+) \((\d+) with padding\)$", done.stdout, re.MULTILINE)
+    assert tokens and 0 < int(tokens.group(1)) <= int(tokens.group(2)), done.stdout
+    refused = subprocess.run(
+        [sys.executable, str(script), "update", "--bf16-activations"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--bf16-activations needs --bf16" in refused.stderr
+
+
+@pytest.mark.slow
 def test_bench_thread_wait_prints_each_setting_against_the_default():
     script = REPO_ROOT / "benchmarks" / "bench_thread_wait.py"
     cmd = [sys.executable, str(script), "--steps", "1", "--per-level", "1",
