@@ -45,6 +45,15 @@ def _inputs():
     return prompt_ids, prompt_mask, completion_ids, completion_mask
 
 
+def _two_steps(model_dir, out_dir, *overrides: str) -> list[dict]:
+    """The comparable metrics of two training steps on the tiny model with these overrides."""
+    trainer = Trainer(make_config(model_dir, out_dir, *overrides), task=ParityTask())
+    try:
+        return comparable([trainer.train_step() for _ in range(2)])
+    finally:
+        trainer.close()
+
+
 def test_frozen_linear_tensors_are_the_frozen_base_layers_not_the_adapters_or_a_tied_head(
     tiny_qwen2,
 ):
@@ -115,12 +124,7 @@ def test_a_bfloat16_lora_run_gives_the_same_metrics_with_and_without_the_cast_on
     overrides = ["model.lora=true", "optim.precision=bfloat16", "algorithm.beta=0.04"]
 
     def run(name: str) -> list[dict]:
-        cfg = make_config(tiny_model_dir, tmp_path / name, *overrides)
-        trainer = Trainer(cfg, task=ParityTask())
-        try:
-            return comparable([trainer.train_step() for _ in range(2)])
-        finally:
-            trainer.close()
+        return _two_steps(tiny_model_dir, tmp_path / name, *overrides)
 
     with_copies = run("copies")
     calls = []
@@ -208,12 +212,7 @@ def test_a_bfloat16_lora_run_with_lowered_activations_starts_at_kl_zero_and_repe
     ]  # fmt: skip
 
     def run(name: str, *extra: str) -> list[dict]:
-        cfg = make_config(tiny_model_dir, tmp_path / name, *overrides, *extra)
-        trainer = Trainer(cfg, task=ParityTask())
-        try:
-            return comparable([trainer.train_step() for _ in range(2)])
-        finally:
-            trainer.close()
+        return _two_steps(tiny_model_dir, tmp_path / name, *overrides, *extra)
 
     first = run("a")
     assert run("autocast_only", "optim.lowered_activations=false") != first  # it is in use
